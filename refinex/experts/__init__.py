@@ -3,19 +3,13 @@
 ``EXPERT_FACTORIES`` maps an expert name to its factory: either a callable returning an
 ``Expert``, or a lazy ``"package.module:attribute"`` path imported only when that expert is
 first requested, so ``import refinex.experts`` never pulls in trafilatura, HTTP clients or
-other heavy dependencies. Modules add their experts with ``register_expert`` at import time
-(or by adding a path to the dict)::
+other heavy dependencies. Every built-in expert is listed below; plug-ins add theirs with::
 
-    register_expert("llm", "refinex.experts.llm:create_llm_expert")
-
-A name that is not registered yet makes ``get_expert`` import the modules listed in
-``EXPERT_MODULES`` (those that exist), so their registrations run without the caller having
-to import them first.
+    register_expert("my_expert", "my_package.experts:create")
 """
 from __future__ import annotations
 
 from importlib import import_module
-from importlib.util import find_spec
 from typing import Any, Callable, Union
 
 from refinex.experts.base import FAILED, OK, Expert, ExpertInput, ExpertOutput
@@ -24,15 +18,16 @@ ExpertFactory = Callable[..., Expert]
 
 EXPERT_FACTORIES: dict[str, Union[str, ExpertFactory]] = {
     "trafilatura": "refinex.experts.html:TrafilaturaExpert",
+    "trafilatura_recall": "refinex.experts.rules:trafilatura_recall",
+    "trafilatura_precision": "refinex.experts.rules:trafilatura_precision",
+    "justext": "refinex.experts.rules:JustextExpert",
+    "resiliparse": "refinex.experts.rules:ResiliparseExpert",
+    "dom_prune": "refinex.experts.rules:DomPruneExpert",
+    "readability": "refinex.experts.rules:ReadabilityExpert",
+    "line_rules": "refinex.experts.rules:LineRulesExpert",
+    "llm": "refinex.experts.llm:create_llm_expert",
+    "consensus": "refinex.experts.consensus:create_consensus_expert",
 }
-
-# Modules that register experts when imported; imported on demand by ``get_expert``.
-EXPERT_MODULES: list[str] = [
-    "refinex.experts.html",
-    "refinex.experts.llm",
-    "refinex.experts.rules",
-    "refinex.experts.consensus",
-]
 
 _RESOLVED: dict[str, ExpertFactory] = {}  # lazy path -> imported factory
 
@@ -52,20 +47,11 @@ def register_expert(
 
 
 def available_experts() -> list[str]:
-    """Names of all experts (after importing ``EXPERT_MODULES``), sorted."""
-    _import_expert_modules()
+    """Names of all registered experts, sorted."""
     return sorted(EXPERT_FACTORIES)
 
 
-def _import_expert_modules() -> None:
-    for module_name in EXPERT_MODULES:
-        if find_spec(module_name) is not None:
-            import_module(module_name)
-
-
 def _resolve(name: str) -> ExpertFactory:
-    if name not in EXPERT_FACTORIES:
-        _import_expert_modules()
     try:
         factory = EXPERT_FACTORIES[name]
     except KeyError:
@@ -91,7 +77,6 @@ def get_expert(name: str, **options: Any) -> Expert:
 
 __all__ = [
     "EXPERT_FACTORIES",
-    "EXPERT_MODULES",
     "FAILED",
     "OK",
     "Expert",

@@ -133,10 +133,14 @@ def test_registry_accepts_callables_and_checks_the_protocol() -> None:
         EXPERT_FACTORIES.pop("tmp-not-expert", None)
 
 
-def test_unknown_names_import_expert_modules_that_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_builtin_expert_path_resolves() -> None:
     import refinex.experts as registry
 
-    monkeypatch.setattr(registry, "EXPERT_MODULES", ["refinex.experts.html", "refinex.experts.nonexistent"])
+    for name in ("llm", "consensus", "justext", "resiliparse", "line_rules"):
+        assert callable(registry._resolve(name))
+
+
+def test_unknown_names_and_lazy_registration() -> None:
     with pytest.raises(ValueError, match="unknown expert 'nope'"):
         get_expert("nope")
     register_expert("tmp-lazy", "refinex.experts.html:TrafilaturaExpert")

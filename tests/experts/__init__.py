@@ -1,0 +1,1 @@
+"""Tests of the LLM expert, the response cache and the consensus expert."""
