@@ -1,0 +1,289 @@
+"""The ``transformers`` backend: batched greedy decoding with ``model.generate``.
+
+Prompts are tokenized once, sorted by length (longest first, so batches hold similar
+lengths and the largest batch fails fast on memory), left-padded per batch and decoded with
+the KV cache under ``torch.inference_mode``; outputs are put back in input order. Each row
+stops on its own at eos or a blank line (a device-side stopping criterion, no host sync),
+and ``generate`` ends a batch as soon as every row has stopped. On CUDA the model runs in
+bfloat16 by default; ``cache_implementation="static"`` + ``compile=True`` turn on
+``generate``'s compiled decoding step (CUDA graphs), best with ``pad_to_multiple_of`` so
+that few prompt shapes occur.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+from refinex.model.backends.base import (
+    DecodeConfig,
+    GenerationRequest,
+    finish_program,
+)
+from refinex.model.constrained import (
+    NewlineStopCriteria,
+    ProgramLogitsProcessor,
+    TokenTable,
+    complete_prefix,
+    token_table_for,
+)
+
+__all__ = ["HFBackend", "eos_token_ids"]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The eos ids of the model's generation config and of the tokenizer."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    value = getattr(gen, "eos_token_id", None) if gen is not None else None
+    for source in (value, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(v) for v in source)
+    return sorted(ids)
+
+
+def _output_width(model: Any) -> int:
+    """Number of logits the model produces per position."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+class HFBackend:
+    """Refine-model inference with a ``transformers`` causal LM.
+
+    Options: ``add_special_tokens`` (tokenize prompts as training did; default True),
+    ``pad_to_multiple_of`` (round batch lengths up, fewer shapes for compiled decoding),
+    ``cache_implementation`` (e.g. ``"static"``), ``compile`` (let ``generate`` compile the
+    decoding step; needs a compileable cache such as static), ``top_k_check`` (candidates
+    checked per row before the constrained decoder walks the token trie), ``token_table``
+    (a prebuilt :class:`TokenTable`; default: built from the tokenizer).
+    """
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: DecodeConfig = DecodeConfig(),
+        *,
+        add_special_tokens: bool = True,
+        pad_to_multiple_of: Optional[int] = None,
+        cache_implementation: Optional[str] = None,
+        compile: bool = False,
+        top_k_check: int = 8,
+        token_table: Optional[TokenTable] = None,
+    ) -> None:
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.add_special_tokens = add_special_tokens
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.cache_implementation = cache_implementation
+        self.compile = compile
+        self.top_k_check = top_k_check
+        self.device = next(model.parameters()).device
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = self.eos_ids[0] if self.eos_ids else 0
+        self.pad_id = int(pad)
+        self.table: TokenTable = token_table or token_table_for(tokenizer, _output_width(model), self.eos_ids)
+        if config.constrained and not self.table.eos_ids:
+            raise ValueError("constrained decoding needs a tokenizer with an eos token")
+        self._generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        #: Decoding counters of the last ``generate`` call (for benchmarks and logs).
+        self.last_stats: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        config: DecodeConfig = DecodeConfig(),
+        *,
+        device: Optional[str] = None,
+        dtype: Optional[Any] = None,
+        attn_implementation: Optional[str] = None,
+        **options: Any,
+    ) -> "HFBackend":
+        """Load a local checkpoint directory (offline). Defaults: CUDA + bfloat16 (float16 on
+        GPUs without bf16) when a GPU is present, else CPU + float32."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            if str(device).startswith("cuda"):
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            else:
+                dtype = torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device)
+        return cls(model, tokenizer, config, **options)
+
+    def close(self) -> None:
+        """Drop the model (frees accelerator memory once unreferenced)."""
+        self.model = None
+
+    # -- generation --------------------------------------------------------------------
+
+    def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        encoded = self.tokenizer(
+            list(prompts), add_special_tokens=self.add_special_tokens, padding=False
+        )["input_ids"]
+        return [list(ids) for ids in encoded]
+
+    def _generation_config(self) -> Any:
+        from transformers import GenerationConfig
+
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": cfg.max_new_tokens,
+            "do_sample": not cfg.greedy,
+            "num_beams": 1,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": list(self.eos_ids) or None,
+            "use_cache": True,
+            "disable_compile": not self.compile,
+        }
+        if not cfg.greedy:
+            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        if self.cache_implementation:
+            kwargs["cache_implementation"] = self.cache_implementation
+        return GenerationConfig(**kwargs)
+
+    def _pad_batch(self, rows: list[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(r) for r in rows)
+        multiple = self.pad_to_multiple_of
+        if multiple:
+            width = -(-width // multiple) * multiple
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            if ids:
+                input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention[i, width - len(ids):] = 1
+        return input_ids.to(self.device), attention.to(self.device)
+
+    def _logits_processors(
+        self, requests: Sequence[GenerationRequest], rows: Sequence[Sequence[int]]
+    ) -> list[Any]:
+        """Processors applied before the grammar constraint (none; a subclass hook)."""
+        return []
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Raw program text per request, in input order."""
+        if self.model is None:
+            raise RuntimeError("backend is closed")
+        if not requests:
+            return []
+        return self.generate_from_ids(requests, self._encode([r.prompt for r in requests]))
+
+    def generate_from_ids(
+        self, requests: Sequence[GenerationRequest], encoded: Sequence[Sequence[int]]
+    ) -> list[str]:
+        """Like :meth:`generate` with the prompts already tokenized (``encoded[i]`` is the
+        prompt of ``requests[i]``; the requests still give the constraints)."""
+        if self.model is None:
+            raise RuntimeError("backend is closed")
+        if len(encoded) != len(requests):
+            raise ValueError(f"{len(encoded)} token lists for {len(requests)} requests")
+        if not requests:
+            return []
+        encoded = [list(ids) for ids in encoded]
+        order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
+        outputs: list[str] = [""] * len(requests)
+        stats: dict[str, float] = {
+            "batches": 0,
+            "rows": 0,
+            "generated_tokens": 0,
+            "fallback_rows": 0,
+            "steps": 0,
+            "constraint_seconds": 0.0,
+        }
+        size = self.config.batch_size
+        for begin in range(0, len(order), size):
+            batch = order[begin : begin + size]
+            texts, batch_stats = self._generate_batch(
+                [requests[i] for i in batch], [encoded[i] for i in batch]
+            )
+            for index, text in zip(batch, texts):
+                outputs[index] = text
+            for key, value in batch_stats.items():
+                stats[key] += value
+        self.last_stats = stats
+        return outputs
+
+    def _generate_batch(
+        self, requests: list[GenerationRequest], rows: list[list[int]]
+    ) -> tuple[list[str], dict[str, float]]:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        real = len(rows)
+        if self.compile and real < self.config.batch_size:
+            # Keep one batch shape for the compiled step: repeat the last row (discarded).
+            rows = rows + [rows[-1]] * (self.config.batch_size - real)
+            requests = requests + [requests[-1]] * (self.config.batch_size - real)
+        input_ids, attention = self._pad_batch(rows)
+        automata = [r.automaton() for r in requests] if self.config.constrained else []
+        processors = LogitsProcessorList(self._logits_processors(requests, rows))
+        processor: Optional[ProgramLogitsProcessor] = None
+        if self.config.constrained:
+            processor = ProgramLogitsProcessor(
+                automata,
+                self.table,
+                mode="greedy" if self.config.greedy else "mask",
+                top_k=self.top_k_check,
+            )
+            processors.append(processor)
+        criteria = StoppingCriteriaList([NewlineStopCriteria(self.table, self.device)])
+        if not self.config.greedy:  # generate samples from the global generator
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator)))
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                generation_config=self._generation_config(),
+                logits_processor=processors,
+                stopping_criteria=criteria,
+            )
+        new_tokens = out[:real, input_ids.shape[1]:].tolist()
+        eos = set(self.eos_ids)
+        if 0 <= self.pad_id < self.table.vocab_size and self.table.token_bytes[self.pad_id] is None:
+            eos.add(self.pad_id)  # finished rows are filled with the pad token
+        texts: list[str] = []
+        generated = 0
+        for i, ids in enumerate(new_tokens):
+            end = next((j for j, t in enumerate(ids) if t in eos), len(ids))
+            ids = ids[:end]
+            generated += len(ids)
+            if self.config.constrained:
+                data = complete_prefix(automata[i], self.table.decode_bytes(ids))
+                text = data.decode("utf-8", "replace")
+            else:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            texts.append(finish_program(text, self.config.stop, self.config.constrained))
+        stats = {
+            "batches": 1,
+            "rows": real,
+            "generated_tokens": generated,
+            "fallback_rows": processor.fallbacks if processor is not None else 0,
+            "steps": int(out.shape[1] - input_ids.shape[1]),
+            "constraint_seconds": processor.seconds if processor is not None else 0.0,
+        }
+        return texts, stats
