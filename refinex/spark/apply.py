@@ -1,0 +1,300 @@
+"""Stage ``apply``: ``documents`` LEFT JOIN ``programs`` -> ``refined_documents``; and export.
+
+Every document gets exactly one row per ``(origin, origin_version)``. With a program, it
+is executed (``refinex.program.execute``) under the configured guardrails and the status is
+the execution's (``refined``, ``unchanged``, ``dropped`` with text ``""``, ``fallback_raw``).
+Without one, ``refined_text`` is null and the status is ``expert_failed`` when the expert
+failed on the document, else ``no_program``. The execution's counts travel to the
+``stats`` stage in the ``exec_stats`` struct column.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Optional
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
+
+from refinex.config import Config
+from refinex.spark.tables import (
+    DOCUMENTS,
+    EXEC_STATS_FIELDS,
+    EXPERT_REFINEMENTS,
+    ORIGIN_DISTILLED,
+    PROGRAMS,
+    REFINED_DOCUMENTS,
+    STAGE_RUNS,
+    merge_into,
+    new_run_id,
+    read_table,
+    record_stage_run,
+    table_exists,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "apply"
+
+_COUNT_FIELDS = [f for f in EXEC_STATS_FIELDS if f.name not in ("rejected_by_reason", "deletion_ratio")]
+APPLIED_SCHEMA = StructType([
+    StructField("doc_id", StringType(), False),
+    StructField("refined_text", StringType()),
+    StructField("status", StringType(), False),
+    *[StructField(f.name, LongType() if isinstance(f.dataType, LongType) else IntegerType()) for f in _COUNT_FIELDS],
+    StructField("deletion_ratio", DoubleType()),
+    StructField("rejected_json", StringType()),
+])
+_COLUMNS = [f.name for f in APPLIED_SCHEMA.fields]
+
+
+class OriginError(LookupError):
+    """No program origin could be determined."""
+
+
+def latest_applied_origin(spark: SparkSession, workdir: str) -> Optional[tuple[str, str]]:
+    """``(origin, origin_version)`` of the most recent ``apply`` run in ``stage_runs``."""
+    if not table_exists(spark, workdir, STAGE_RUNS):
+        return None
+    row = (
+        read_table(spark, workdir, STAGE_RUNS)
+        .where(F.col("stage") == STAGE)
+        .orderBy(F.col("ended_at").desc(), F.col("run_id").desc())
+        .select("params")
+        .first()
+    )
+    if row is None:
+        return None
+    params = json.loads(row["params"])
+    return str(params["origin"]), str(params["origin_version"])
+
+
+def default_origin_version(spark: SparkSession, config: Config, workdir: str, origin: str) -> str:
+    """The newest program version of ``origin`` (distilled: of the configured expert).
+
+    Without distilled programs yet, the configured expert's current version is used, so
+    every document still gets a row (``no_program`` / ``expert_failed``).
+    """
+    programs = read_table(spark, workdir, PROGRAMS).where(F.col("origin") == origin)
+    if origin == ORIGIN_DISTILLED:
+        programs = programs.where(F.col("origin_version").startswith(f"{config.expert.name}:"))
+    row = (
+        programs.groupBy("origin_version")
+        .agg(F.max("created_at").alias("newest"))
+        .orderBy(F.col("newest").desc(), F.col("origin_version").desc())
+        .first()
+    )
+    if row is not None:
+        return str(row["origin_version"])
+    if origin == ORIGIN_DISTILLED:
+        from refinex.spark.expert import expert_version
+
+        return f"{config.expert.name}:{expert_version(config.expert.name, config.expert.options)}"
+    raise OriginError(f"no programs of origin {origin!r} in {workdir}; pass an origin version")
+
+
+def resolve_origin(
+    spark: SparkSession,
+    config: Config,
+    workdir: str,
+    origin: Optional[str] = None,
+    origin_version: Optional[str] = None,
+    prefer_latest_apply: bool = False,
+) -> tuple[str, str]:
+    """The ``(origin, origin_version)`` to use.
+
+    Explicit arguments win, then ``apply.origin_version`` of the configuration; then, with
+    ``prefer_latest_apply`` (``stats``, ``export``), the origin of the latest ``apply`` run;
+    finally the newest programs of the origin (``default_origin_version``).
+    """
+    if origin_version is not None:
+        return origin or config.apply.origin, origin_version
+    if origin is None and config.apply.origin_version is not None:
+        return config.apply.origin, config.apply.origin_version
+    if prefer_latest_apply:
+        latest = latest_applied_origin(spark, workdir)
+        if latest is not None and (origin is None or latest[0] == origin):
+            return latest
+    chosen = origin or config.apply.origin
+    return chosen, default_origin_version(spark, config, workdir, chosen)
+
+
+def _apply_partition(max_error_ratio: float, min_kept_chars: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The ``mapInPandas`` function: (doc_id, text, program, expert_status) -> ``APPLIED_SCHEMA``."""
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pandas as pd
+
+        from refinex.program import Guardrails, execute, parse
+        from refinex.status import EXPERT_FAILED, NO_PROGRAM
+
+        guardrails = Guardrails(max_error_ratio=max_error_ratio, min_kept_chars=min_kept_chars)
+        for batch in batches:
+            rows: list[dict[str, Any]] = []
+            for doc_id, text, program, expert_status in zip(
+                batch["doc_id"], batch["text"], batch["program"], batch["expert_status"]
+            ):
+                if not isinstance(program, str):
+                    status = EXPERT_FAILED if expert_status == "failed" else NO_PROGRAM
+                    rows.append({"doc_id": doc_id, "refined_text": None, "status": status})
+                    continue
+                result = execute(parse(program), text, guardrails)
+                rows.append({
+                    "doc_id": doc_id,
+                    "refined_text": result.text,
+                    "status": result.status,
+                    "chars_in": result.chars_in,
+                    "chars_out": result.chars_out,
+                    "chars_removed": result.chars_removed,
+                    "lines_in": result.lines_in,
+                    "lines_out": result.lines_out,
+                    "lines_removed": result.lines_removed,
+                    "ops_total": result.ops_total,
+                    "ops_applied": result.ops_applied,
+                    "ops_rejected": len(result.ops_rejected),
+                    "n_remove_lines": result.n_remove_lines,
+                    "n_remove_str": result.n_remove_str,
+                    "n_keep_all": result.n_keep_all,
+                    "parse_errors": result.parse_errors,
+                    "deletion_ratio": float(result.deletion_ratio),
+                    "rejected_json": json.dumps(result.rejected_by_reason(), sort_keys=True),
+                })
+            frame = pd.DataFrame.from_records(rows, columns=_COLUMNS)
+            for field in _COUNT_FIELDS:
+                frame[field.name] = frame[field.name].astype("Int64")
+            frame["deletion_ratio"] = frame["deletion_ratio"].astype("float64")
+            yield frame
+
+    return run
+
+
+def _exec_stats_column() -> Any:
+    """The ``exec_stats`` struct built from the flat columns (null without a program)."""
+    rejected = F.from_json("rejected_json", "map<string,int>")
+    fields = [
+        rejected.alias(f.name) if f.name == "rejected_by_reason" else F.col(f.name).cast(f.dataType).alias(f.name)
+        for f in EXEC_STATS_FIELDS
+    ]
+    return F.when(F.col("ops_total").isNull(), F.lit(None)).otherwise(F.struct(*fields))
+
+
+def run_apply(
+    spark: SparkSession,
+    config: Config,
+    workdir: str,
+    origin: Optional[str] = None,
+    origin_version: Optional[str] = None,
+    run_id: Optional[str] = None,
+) -> dict[str, Any]:
+    """Execute the chosen programs over every document into ``refined_documents``."""
+    started = datetime.now(timezone.utc)
+    run_id = run_id or new_run_id()
+    origin, origin_version = resolve_origin(spark, config, workdir, origin, origin_version)
+    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "text")
+    programs = (
+        read_table(spark, workdir, PROGRAMS)
+        .where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
+        .select("doc_id", "program")
+    )
+    joined = documents.join(programs, "doc_id", "left")
+    if origin == ORIGIN_DISTILLED:
+        expert = origin_version.split(":", 1)[0]
+        failures = (
+            read_table(spark, workdir, EXPERT_REFINEMENTS)
+            .where(F.col("expert") == expert)
+            .select("doc_id", F.col("status").alias("expert_status"))
+        )
+        joined = joined.join(failures, "doc_id", "left")
+    else:
+        joined = joined.withColumn("expert_status", F.lit(None).cast("string"))
+    g = config.guardrails
+    applied = (
+        joined.repartition(config.spark.shuffle_partitions, "doc_id")
+        .mapInPandas(_apply_partition(float(g.max_error_ratio), int(g.min_kept_chars)), APPLIED_SCHEMA)
+        .select(
+            "doc_id",
+            F.lit(origin).alias("origin"),
+            F.lit(origin_version).alias("origin_version"),
+            F.lit(run_id).alias("run_id"),
+            "refined_text",
+            "status",
+            _exec_stats_column().alias("exec_stats"),
+            F.current_timestamp().alias("created_at"),
+        )
+    )
+    metrics = merge_into(spark, workdir, REFINED_DOCUMENTS, applied)
+    by_status = {
+        r["status"]: int(r["n"])
+        for r in read_table(spark, workdir, REFINED_DOCUMENTS)
+        .where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
+        .groupBy("status")
+        .agg(F.count(F.lit(1)).alias("n"))
+        .collect()
+    }
+    stats: dict[str, Any] = {
+        "run_id": run_id,
+        "origin": origin,
+        "origin_version": origin_version,
+        "documents": sum(by_status.values()),
+        "by_status": dict(sorted(by_status.items())),
+        "rows_inserted": metrics["inserted"],
+        "rows_updated": metrics["updated"],
+    }
+    log.info("apply %s/%s: %s", origin, origin_version, stats["by_status"])
+    params = {"origin": origin, "origin_version": origin_version,
+              "guardrails": {"max_error_ratio": g.max_error_ratio, "min_kept_chars": g.min_kept_chars}}
+    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
+    return stats
+
+
+def export_frame(spark: SparkSession, workdir: str, origin: str, origin_version: str) -> DataFrame:
+    """One row per document: doc_id, text, refined_text, status (null when never applied)."""
+    refined = (
+        read_table(spark, workdir, REFINED_DOCUMENTS)
+        .where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
+        .select("doc_id", "refined_text", "status")
+    )
+    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "text")
+    return documents.join(refined, "doc_id", "left").select("doc_id", "text", "refined_text", "status")
+
+
+def _open_output(path: Path) -> IO[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "wb"), encoding="utf-8", newline="\n")
+    return path.open("w", encoding="utf-8", newline="\n")
+
+
+def run_export(
+    spark: SparkSession,
+    config: Config,
+    workdir: str,
+    output: str,
+    origin: Optional[str] = None,
+    origin_version: Optional[str] = None,
+) -> dict[str, Any]:
+    """Write one JSON line per document (sorted by doc_id) to ``output`` (``.gz`` compresses).
+
+    The default origin is that of the most recent ``apply`` run.
+    """
+    origin, origin_version = resolve_origin(spark, config, workdir, origin, origin_version, prefer_latest_apply=True)
+    frame = export_frame(spark, workdir, origin, origin_version).orderBy("doc_id")
+    path = Path(output)
+    tmp = path.with_name(f".{path.name}.tmp")
+    counts: dict[str, int] = {}
+    n = 0
+    with _open_output(tmp) as handle:
+        for row in frame.toLocalIterator(prefetchPartitions=True):
+            record = {key: row[key] for key in ("doc_id", "text", "refined_text", "status")}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            key = row["status"] or "not_applied"
+            counts[key] = counts.get(key, 0) + 1
+            n += 1
+    tmp.replace(path)
+    return {"output": str(path), "origin": origin, "origin_version": origin_version, "documents": n,
+            "by_status": dict(sorted(counts.items()))}

@@ -1,0 +1,162 @@
+"""Stage ``distill``: ``documents`` x ``expert_refinements`` -> ``programs`` (origin distilled).
+
+Each successful refinement of the chosen expert is distilled against the document's raw
+text into a deletion-only program (``refinex.distill.distill_report``) inside
+``mapInPandas``. The program's ``origin_version`` is ``"<expert>:<expert_version>"``, so a
+new expert version adds programs next to the old ones instead of replacing them.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, Optional
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import BooleanType, DoubleType, IntegerType, LongType, StringType, StructField, StructType
+
+from refinex.config import Config
+from refinex.spark.tables import (
+    DOCUMENTS,
+    EXPERT_REFINEMENTS,
+    ORIGIN_DISTILLED,
+    PROGRAMS,
+    merge_into,
+    new_run_id,
+    read_table,
+    record_stage_run,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "distill"
+
+DISTILLED_SCHEMA = StructType([
+    StructField("doc_id", StringType(), False),
+    StructField("origin_version", StringType(), False),
+    StructField("program", StringType()),
+    StructField("n_ops", IntegerType()),
+    StructField("n_remove_lines", IntegerType()),
+    StructField("n_remove_str", IntegerType()),
+    StructField("n_keep_all", IntegerType()),
+    StructField("kept_chars", LongType()),
+    StructField("deleted_chars", LongType()),
+    StructField("inserted_chars", LongType()),
+    StructField("unrepresentable_ratio", DoubleType()),
+    StructField("exact", BooleanType()),
+])
+_COLUMNS = [f.name for f in DISTILLED_SCHEMA.fields]
+_INT_COLUMNS = [f.name for f in DISTILLED_SCHEMA.fields if isinstance(f.dataType, (IntegerType, LongType))]
+
+
+def distill_row(doc_id: str, origin_version: str, raw: str, refined: str) -> dict[str, Any]:
+    """One ``DISTILLED_SCHEMA`` row: the distilled program of one refinement and its counts.
+
+    Should distillation raise (it is not expected to), the row has no program, which
+    ``apply`` reports as ``no_program`` and the stage statistics count as ``failed``.
+    """
+    from refinex.distill import distill_report
+
+    try:
+        report = distill_report(raw, refined)
+    except Exception:  # noqa: BLE001 - one pathological document must not stop the job
+        log.exception("distillation failed for %s", doc_id)
+        return dict(doc_id=doc_id, origin_version=origin_version)
+    names = [op.name for op in report.program.ops]
+    return dict(
+        doc_id=doc_id,
+        origin_version=origin_version,
+        program=str(report.program),
+        n_ops=len(names),
+        n_remove_lines=names.count("remove_lines"),
+        n_remove_str=names.count("remove_str"),
+        n_keep_all=names.count("keep_all"),
+        kept_chars=int(report.kept_chars),
+        deleted_chars=int(report.deleted_chars),
+        inserted_chars=int(report.inserted_chars),
+        unrepresentable_ratio=float(report.unrepresentable_ratio),
+        exact=bool(report.exact),
+    )
+
+
+def _distill_partition() -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The ``mapInPandas`` function: (doc_id, text, refined_text) -> ``DISTILLED_SCHEMA``."""
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pandas as pd
+
+        for batch in batches:
+            rows = [
+                distill_row(doc_id, version, raw, refined)
+                for doc_id, version, raw, refined in zip(
+                    batch["doc_id"], batch["origin_version"], batch["text"], batch["refined_text"]
+                )
+            ]
+            frame = pd.DataFrame.from_records(rows, columns=_COLUMNS)
+            for column in _INT_COLUMNS:
+                frame[column] = frame[column].astype("Int64")
+            yield frame
+
+    return run
+
+
+def run_distill(
+    spark: SparkSession,
+    config: Config,
+    workdir: str,
+    expert: Optional[str] = None,
+    run_id: Optional[str] = None,
+) -> dict[str, Any]:
+    """Distil every ``ok`` refinement of the expert into ``programs``; returns statistics."""
+    started = datetime.now(timezone.utc)
+    run_id = run_id or new_run_id()
+    name = expert or config.expert.name
+    refinements = (
+        read_table(spark, workdir, EXPERT_REFINEMENTS)
+        .where((F.col("expert") == name) & (F.col("status") == "ok"))
+        .select("doc_id", F.concat_ws(":", "expert", "expert_version").alias("origin_version"), "refined_text")
+    )
+    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "text")
+    pairs = documents.join(refinements, "doc_id")
+    versions = sorted(r[0] for r in pairs.select("origin_version").distinct().collect())
+    metrics = {"inserted": 0, "updated": 0}
+    if versions:
+        distilled = (
+            pairs.repartition(config.spark.shuffle_partitions, "doc_id")
+            .mapInPandas(_distill_partition(), DISTILLED_SCHEMA)
+            .withColumns({"origin": F.lit(ORIGIN_DISTILLED), "created_at": F.current_timestamp()})
+        )
+        metrics = merge_into(spark, workdir, PROGRAMS, distilled)
+    summary = (
+        read_table(spark, workdir, PROGRAMS)
+        .where((F.col("origin") == ORIGIN_DISTILLED) & F.col("origin_version").isin(versions))
+        .join(pairs.select("doc_id", "origin_version"), ["doc_id", "origin_version"], "left_semi")
+        .agg(
+            F.count(F.lit(1)).alias("programs"),
+            F.count(F.when(F.col("program").isNull(), 1)).alias("failed"),
+            F.count(F.when(F.col("exact"), 1)).alias("exact"),
+            F.sum("n_ops").alias("ops"),
+            F.avg("unrepresentable_ratio").alias("unrep"),
+            F.sum("deleted_chars").alias("deleted"),
+            F.sum("kept_chars").alias("kept"),
+        )
+        .first()
+    ) if versions else None
+    stats: dict[str, Any] = {
+        "run_id": run_id,
+        "expert": name,
+        "origin": ORIGIN_DISTILLED,
+        "origin_versions": versions,
+        "programs": int(summary["programs"]) if summary else 0,
+        "exact": int(summary["exact"]) if summary else 0,
+        "failed": int(summary["failed"]) if summary else 0,
+        "ops": int(summary["ops"] or 0) if summary else 0,
+        "mean_unrepresentable_ratio": float(summary["unrep"]) if summary and summary["unrep"] is not None else None,
+        "deleted_chars": int(summary["deleted"] or 0) if summary else 0,
+        "kept_chars": int(summary["kept"] or 0) if summary else 0,
+        "rows_inserted": metrics["inserted"],
+        "rows_updated": metrics["updated"],
+    }
+    log.info("distill %s: %d programs (%d exact)", name, stats["programs"], stats["exact"])
+    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), {"expert": name}, stats)
+    return stats

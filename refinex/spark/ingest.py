@@ -1,0 +1,422 @@
+"""Stage ``ingest``: input files -> ``documents`` (+ ``quarantine``).
+
+Input is JSON Lines (optionally gzipped) or Parquet, a file, a folder or a glob, one
+record per line/row with ``text`` and/or ``html`` (the pages format: ``id``, ``url``,
+``source``, ``html``, ``gold``). Only the DataFrame API is used (no RDDs), so the stage
+also runs on Spark Connect.
+
+* Every record keeps its ``input_file`` and 1-based ``line_no``, exact within each file
+  (for JSONL: the physical line, counted across file splits; for Parquet: the row index).
+* ``doc_id`` is the record's ``id`` (as a string) when present, else the sha256 of its
+  content (``text``, or ``html`` when there is no text).
+* When only ``html`` is given, the text is ``refinex.text.html_to_text(html)``.
+* Rejected records go to ``quarantine`` with a reason: ``invalid_utf8``, ``too_large``,
+  ``malformed_json``, ``not_an_object``, ``bad_field_type``, ``missing_text``,
+  ``extraction_failed``, ``empty_text``, ``duplicate_doc_id`` (later occurrences of an id;
+  the first by ``(input_file, line_no)`` is kept). Blank lines are not records and are
+  only counted. Nothing is dropped silently: ``read = accepted + quarantined``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
+
+from refinex.config import Config
+from refinex.spark.tables import DOCUMENTS, QUARANTINE, merge_into, new_run_id, record_stage_run
+
+log = logging.getLogger(__name__)
+
+STAGE = "ingest"
+RECORD_PREVIEW_CHARS = 2000
+
+INVALID_UTF8 = "invalid_utf8"
+TOO_LARGE = "too_large"
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+BAD_FIELD_TYPE = "bad_field_type"
+MISSING_TEXT = "missing_text"
+EXTRACTION_FAILED = "extraction_failed"
+EMPTY_TEXT = "empty_text"
+DUPLICATE_DOC_ID = "duplicate_doc_id"
+QUARANTINE_REASONS = (
+    INVALID_UTF8, TOO_LARGE, MALFORMED_JSON, NOT_AN_OBJECT, BAD_FIELD_TYPE, MISSING_TEXT,
+    EXTRACTION_FAILED, EMPTY_TEXT, DUPLICATE_DOC_ID,
+)
+
+KIND_DOC = "doc"
+KIND_QUARANTINE = "quarantine"
+KIND_BLANK = "blank"
+RESERVED_FIELDS = ("id", "url", "source", "text", "html")
+
+PARSED_SCHEMA = StructType([
+    StructField("kind", StringType(), False),
+    StructField("doc_id", StringType()),
+    StructField("source", StringType()),
+    StructField("url", StringType()),
+    StructField("text", StringType()),
+    StructField("html", StringType()),
+    StructField("metadata", StringType()),
+    StructField("shard", IntegerType()),
+    StructField("input_file", StringType(), False),
+    StructField("line_no", LongType(), False),
+    StructField("n_chars", LongType()),
+    StructField("n_lines", IntegerType()),
+    StructField("record", StringType()),
+    StructField("reason", StringType()),
+    StructField("detail", StringType()),
+])
+_PARSED_COLUMNS = [f.name for f in PARSED_SCHEMA.fields]
+BLANK_LINE_REGEX = r"^[ \t\n\x0B\f\r]*$"
+"""A line of only ASCII whitespace is blank (the same class in Java and Python regexes)."""
+
+
+def _blank() -> Column:
+    return F.col("value").rlike(BLANK_LINE_REGEX)
+
+
+def detect_format(paths: Sequence[str], configured: str = "auto") -> str:
+    """``jsonl`` or ``parquet``: the configured format, or guessed from the paths."""
+    if configured != "auto":
+        return configured
+    for path in paths:
+        stripped = path.rstrip("/")
+        if stripped.endswith(".parquet") or stripped.endswith(".parquet/*"):
+            return "parquet"
+        if "://" not in stripped and os.path.isdir(stripped):
+            names = os.listdir(stripped)
+            if any(n.endswith(".parquet") for n in names) and not any(
+                n.endswith((".jsonl", ".json", ".gz")) for n in names
+            ):
+                return "parquet"
+    return "jsonl"
+
+
+def shard_of(doc_id: str, n_shards: int) -> int:
+    """Stable shard of a document: sha256(doc_id) mod ``n_shards``."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % n_shards
+
+
+def _utf8_encodable(value: str) -> bool:
+    """False for strings with lone surrogates (JSON ``\\udXXX`` escapes), which UTF-8 cannot hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _metadata_json(metadata: dict[str, Any]) -> str:
+    """The extra fields as JSON (ASCII-escaped only if they hold lone surrogates)."""
+    import json
+
+    text = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+    return text if _utf8_encodable(text) else json.dumps(metadata, ensure_ascii=True, sort_keys=True)
+
+
+def parse_record(
+    line: Optional[str],
+    input_file: str,
+    line_no: int,
+    pre_reason: Optional[str],
+    pre_detail: Optional[str],
+    n_shards: int,
+    max_text_chars: int,
+    max_html_chars: int,
+    html_to_text: Callable[[str], str],
+) -> dict[str, Any]:
+    """One input line -> one row of ``PARSED_SCHEMA`` (a document, a rejection or a blank)."""
+    import hashlib
+    import json
+    import re
+
+    record = (line or "")[:RECORD_PREVIEW_CHARS]
+    out: dict[str, Any] = {c: None for c in _PARSED_COLUMNS}
+    out.update(kind=KIND_QUARANTINE, input_file=input_file, line_no=int(line_no), record=record)
+
+    def reject(reason: str, detail: str, doc_id: Optional[str] = None) -> dict[str, Any]:
+        out.update(reason=reason, detail=detail, doc_id=doc_id)
+        return out
+
+    if pre_reason is not None:
+        return reject(pre_reason, pre_detail or pre_reason)
+    assert line is not None
+    if re.match(BLANK_LINE_REGEX, line):
+        out.update(kind=KIND_BLANK, record=None)
+        return out
+    if line_no == 1 and line.startswith("\ufeff"):
+        line = line[1:]
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        return reject(MALFORMED_JSON, f"{type(exc).__name__}: {exc}"[:500])
+    if not isinstance(obj, dict):
+        return reject(NOT_AN_OBJECT, f"a record must be a JSON object, got {type(obj).__name__}")
+
+    raw_id = obj.get("id")
+    if raw_id is not None and (isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or raw_id == ""):
+        return reject(BAD_FIELD_TYPE, f"id must be a non-empty string or an integer, got {json.dumps(raw_id)[:100]}")
+    given_id = str(raw_id) if raw_id is not None else None
+    for name in ("text", "html", "url", "source"):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, str):
+            return reject(BAD_FIELD_TYPE, f"{name} must be a string, got {type(value).__name__}", given_id)
+    for name in ("id", "text", "html", "url", "source"):
+        value = obj.get(name)
+        if isinstance(value, str) and not _utf8_encodable(value):
+            return reject(INVALID_UTF8, f"{name} contains an unpaired surrogate escape (\\ud800-\\udfff)")
+    text: Optional[str] = obj.get("text")
+    html: Optional[str] = obj.get("html")
+    if text is None and html is None:
+        return reject(MISSING_TEXT, "the record has neither text nor html", given_id)
+    if html is not None and len(html) > max_html_chars:
+        return reject(TOO_LARGE, f"html has {len(html)} characters (limit {max_html_chars})", given_id)
+    if text is not None and len(text) > max_text_chars:
+        return reject(TOO_LARGE, f"text has {len(text)} characters (limit {max_text_chars})", given_id)
+    content = text if text is not None else html
+    assert content is not None
+    doc_id = given_id or hashlib.sha256(content.encode("utf-8")).hexdigest()
+    if text is None:
+        assert html is not None
+        try:
+            text = html_to_text(html)
+        except Exception as exc:  # noqa: BLE001 - any extractor failure is a rejection
+            return reject(EXTRACTION_FAILED, f"{type(exc).__name__}: {exc}"[:500], doc_id)
+        if len(text) > max_text_chars:
+            return reject(TOO_LARGE, f"extracted text has {len(text)} characters (limit {max_text_chars})", doc_id)
+    if not text.strip():
+        what = "the text extracted from html" if obj.get("text") is None else "text"
+        return reject(EMPTY_TEXT, f"{what} is empty or whitespace", doc_id)
+    metadata = {k: v for k, v in obj.items() if k not in RESERVED_FIELDS}
+    source = obj.get("source") or Path(input_file).name.split(".")[0] or None
+    out.update(
+        kind=KIND_DOC,
+        doc_id=doc_id,
+        source=source,
+        url=obj.get("url"),
+        text=text,
+        html=html,
+        metadata=_metadata_json(metadata) if metadata else None,
+        shard=shard_of(doc_id, n_shards),
+        n_chars=len(text),
+        n_lines=text.count("\n") + 1,
+    )
+    return out
+
+
+def _parse_partition(
+    n_shards: int, max_text_chars: int, max_html_chars: int
+) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The ``mapInPandas`` function that parses lines into ``PARSED_SCHEMA`` rows."""
+
+    def parse_batches(batches: Iterator[Any]) -> Iterator[Any]:
+        import pandas as pd
+
+        from refinex.text import html_to_text
+
+        for batch in batches:
+            rows = [
+                parse_record(
+                    line, input_file, line_no, pre_reason, pre_detail,
+                    n_shards, max_text_chars, max_html_chars, html_to_text,
+                )
+                for line, input_file, line_no, pre_reason, pre_detail in zip(
+                    batch["value"], batch["input_file"], batch["line_no"], batch["pre_reason"], batch["pre_detail"]
+                )
+            ]
+            frame = pd.DataFrame.from_records(rows, columns=_PARSED_COLUMNS)
+            for column in ("shard", "n_lines", "n_chars", "line_no"):
+                frame[column] = frame[column].astype("Int64")
+            yield frame
+
+    return parse_batches
+
+
+def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
+    """``value, input_file, line_no`` for every physical line of the JSONL input files.
+
+    Also returns the number of lines and of blank lines. A line's number is its position
+    within its split plus the number of lines in the file's earlier splits (splits are
+    ordered by byte offset; a split's rows are consecutive ``monotonically_increasing_id``
+    values within one task).
+    """
+    raw = spark.read.text(list(paths)).select(
+        F.col("value"),
+        F.col("_metadata.file_path").alias("input_file"),
+        F.col("_metadata.file_block_start").alias("block_start"),
+        F.monotonically_increasing_id().alias("row_id"),
+    )
+    splits = (
+        raw.groupBy("input_file", "block_start")
+        .agg(
+            F.min("row_id").alias("first_row"),
+            F.count(F.lit(1)).alias("n"),
+            F.count(F.when(_blank(), F.lit(1))).alias("blank"),
+        )
+        .collect()
+    )
+    offsets: list[tuple[str, int, int, int]] = []
+    running: dict[str, int] = {}
+    for split in sorted(splits, key=lambda r: (r["input_file"], r["block_start"])):
+        before = running.get(split["input_file"], 0)
+        offsets.append((split["input_file"], int(split["block_start"]), int(split["first_row"]), before))
+        running[split["input_file"]] = before + int(split["n"])
+    schema = StructType([
+        StructField("input_file", StringType(), False),
+        StructField("block_start", LongType(), False),
+        StructField("first_row", LongType(), False),
+        StructField("lines_before", LongType(), False),
+    ])
+    offsets_df = spark.createDataFrame(offsets, schema)
+    lines = raw.join(F.broadcast(offsets_df), ["input_file", "block_start"]).select(
+        "value",
+        "input_file",
+        (F.col("lines_before") + F.col("row_id") - F.col("first_row") + 1).alias("line_no"),
+    )
+    return lines, sum(int(r["n"]) for r in splits), sum(int(r["blank"]) for r in splits)
+
+
+def _parquet_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
+    """Parquet rows as JSON lines: ``value, input_file, line_no`` (1-based row index)."""
+    df = spark.read.parquet(*paths)
+    lines = df.select(
+        F.to_json(F.struct(*[F.col(f"`{c}`") for c in df.columns])).alias("value"),
+        F.col("_metadata.file_path").alias("input_file"),
+        (F.col("_metadata.row_index") + 1).alias("line_no"),
+    )
+    return lines, df.count(), 0
+
+
+def read_lines(spark: SparkSession, paths: Sequence[str], fmt: str) -> tuple[DataFrame, int, int]:
+    """The input as ``value, input_file, line_no`` rows, with the line and blank-line counts."""
+    return _parquet_lines(spark, paths) if fmt == "parquet" else _jsonl_lines(spark, paths)
+
+
+def _persist(df: DataFrame) -> tuple[DataFrame, bool]:
+    """Cache ``df`` when the platform allows it (Spark Connect serverless does not)."""
+    from pyspark import StorageLevel
+
+    try:
+        return df.persist(StorageLevel.MEMORY_AND_DISK), True
+    except Exception as exc:  # noqa: BLE001 - recompute instead; parsing is deterministic
+        log.warning("cannot persist the parsed input (%s); it will be recomputed", str(exc).splitlines()[0])
+        return df, False
+
+
+def run_ingest(
+    spark: SparkSession,
+    config: Config,
+    workdir: str,
+    input_paths: str | Sequence[str],
+    limit: Optional[int] = None,
+    run_id: Optional[str] = None,
+) -> dict[str, Any]:
+    """Ingest the input into ``documents`` and ``quarantine``; returns the stage statistics."""
+    started = datetime.now(timezone.utc)
+    run_id = run_id or new_run_id()
+    paths = [input_paths] if isinstance(input_paths, str) else list(input_paths)
+    ic = config.ingest
+    fmt = detect_format(paths, ic.format)
+    lines, n_lines, n_blank = read_lines(spark, paths, fmt)
+    records_in = n_lines - n_blank
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        lines = lines.where(~_blank()).orderBy("input_file", "line_no").limit(limit)
+        records_in = min(limit, records_in)
+    valid = F.is_valid_utf8("value")
+    length = F.length("value")
+    lines = lines.select(
+        F.when(~valid, F.substring(F.make_valid_utf8("value"), 1, RECORD_PREVIEW_CHARS))
+        .when(length > ic.max_record_chars, F.substring("value", 1, RECORD_PREVIEW_CHARS))
+        .otherwise(F.col("value"))
+        .alias("value"),
+        "input_file",
+        "line_no",
+        F.when(~valid, F.lit(INVALID_UTF8)).when(length > ic.max_record_chars, F.lit(TOO_LARGE)).alias("pre_reason"),
+        F.when(~valid, F.lit("the line is not valid UTF-8"))
+        .when(
+            length > ic.max_record_chars,
+            F.format_string(f"the record has %d characters (limit {ic.max_record_chars})", length),
+        )
+        .alias("pre_detail"),
+    ).repartition(config.spark.shuffle_partitions, "input_file", "line_no")
+    parsed = lines.mapInPandas(_parse_partition(ic.n_shards, ic.max_text_chars, ic.max_html_chars), PARSED_SCHEMA)
+    by_id = Window.partitionBy("doc_id").orderBy("input_file", "line_no")
+    parsed = parsed.withColumn(
+        "dup_rank", F.when(F.col("kind") == KIND_DOC, F.row_number().over(by_id))
+    ).withColumn(
+        "first_seen",
+        F.when(
+            F.col("kind") == KIND_DOC,
+            F.first(F.concat_ws(":", "input_file", F.col("line_no").cast("string"))).over(by_id),
+        ),
+    )
+    parsed, cached = _persist(parsed)
+    try:
+        outcome = (
+            F.when(F.col("kind") == KIND_BLANK, F.lit(KIND_BLANK))
+            .when((F.col("kind") == KIND_DOC) & (F.col("dup_rank") == 1), F.lit("accepted"))
+            .when(F.col("kind") == KIND_DOC, F.lit(DUPLICATE_DOC_ID))
+            .otherwise(F.col("reason"))
+        )
+        grouped = parsed.groupBy(outcome.alias("outcome")).agg(F.count(F.lit(1)).alias("n"))
+        counts = {r["outcome"]: int(r["n"]) for r in grouped.collect()}
+        n_accepted = counts.get("accepted", 0)
+        n_quarantined = sum(v for k, v in counts.items() if k not in ("accepted", KIND_BLANK))
+        now = F.current_timestamp()
+        doc_metrics = q_metrics = {"inserted": 0, "updated": 0}
+        if n_accepted:
+            first = (F.col("kind") == KIND_DOC) & (F.col("dup_rank") == 1)
+            documents = parsed.where(first).withColumn("ingested_at", now)
+            doc_metrics = merge_into(spark, workdir, DOCUMENTS, documents)
+        if n_quarantined:
+            duplicates = parsed.where((F.col("kind") == KIND_DOC) & (F.col("dup_rank") > 1)).select(
+                "input_file", "line_no", "doc_id", "record",
+                F.lit(DUPLICATE_DOC_ID).alias("reason"),
+                F.concat(F.lit("doc_id already seen at "), F.col("first_seen")).alias("detail"),
+            )
+            rejected = parsed.where(F.col("kind") == KIND_QUARANTINE).select(
+                "input_file", "line_no", "doc_id", "record", "reason", "detail"
+            )
+            quarantine = rejected.unionByName(duplicates).withColumns({"stage": F.lit(STAGE), "quarantined_at": now})
+            q_metrics = merge_into(spark, workdir, QUARANTINE, quarantine)
+    finally:
+        if cached:
+            parsed.unpersist()
+    blank_lines = counts.pop(KIND_BLANK, 0)
+    accepted = counts.pop("accepted", 0)
+    by_reason = dict(sorted(counts.items()))
+    quarantined = sum(by_reason.values())
+    read = accepted + quarantined
+    if read != records_in:
+        raise RuntimeError(
+            f"ingest lost records: {records_in} non-blank input lines, "
+            f"but {read} = {accepted} accepted + {quarantined} quarantined"
+        )
+    stats: dict[str, Any] = {
+        "run_id": run_id,
+        "format": fmt,
+        "read": read,
+        "accepted": accepted,
+        "quarantined": quarantined,
+        "quarantined_by_reason": by_reason,
+        "blank_lines": blank_lines,
+        "documents_inserted": doc_metrics["inserted"],
+        "documents_updated": doc_metrics["updated"],
+        "quarantine_inserted": q_metrics["inserted"],
+        "quarantine_updated": q_metrics["updated"],
+    }
+    log.info("ingest: read %d = accepted %d + quarantined %d", read, accepted, quarantined)
+    limits = ("n_shards", "max_text_chars", "max_html_chars", "max_record_chars")
+    params = {"input": paths, "limit": limit, "format": fmt, **{k: getattr(ic, k) for k in limits}}
+    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
+    return stats

@@ -1,0 +1,130 @@
+"""The Spark session factory: local sessions with Delta, or the cluster's own session.
+
+``get_spark(config, workdir)`` builds a local session (``spark.delta: local``) with Delta's
+SQL extension and catalog, Delta's jars from ``refinex.spark.jars``, Arrow for the pandas
+UDFs and everything Spark writes by itself (warehouse, Derby, scratch space) under
+``<workdir>/spark/``. With ``spark.delta: cluster`` (Databricks, Dataproc) it returns the
+active session, or the builder's, and only sets runtime SQL options on it: no jar logic.
+A session already active in the process is reused as it is in both cases (static options
+such as the warehouse folder stay those it was built with).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from pyspark.sql import SparkSession
+
+from refinex.config import DELTA_CLUSTER, Config
+from refinex.spark.jars import ensure_delta_jars, ivy_home
+
+log = logging.getLogger(__name__)
+
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def is_local_path(path: str) -> bool:
+    """True for plain paths and ``file:`` URIs (not dbfs:, gs:, s3a:, abfss:, ...)."""
+    return "://" not in path or path.startswith("file://")
+
+
+def local_path(path: str) -> Path:
+    """A local workdir as a ``Path`` (``file://`` stripped)."""
+    return Path(path[len("file://") :] if path.startswith("file://") else path).expanduser().resolve()
+
+
+def runtime_conf(config: Config) -> dict[str, str]:
+    """SQL options refinex sets on every session (runtime-settable ones only)."""
+    conf = {
+        "spark.sql.shuffle.partitions": str(config.spark.shuffle_partitions),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.spark.arrow_max_records_per_batch),
+        "spark.sql.session.timeZone": "UTC",
+    }
+    return conf
+
+
+def get_spark(config: Config, workdir: Optional[str] = None) -> SparkSession:
+    """The session for this configuration (see the module docstring)."""
+    if config.spark.delta == DELTA_CLUSTER:
+        return _cluster_session(config)
+    return _local_session(config, workdir)
+
+
+def _cluster_session(config: Config) -> SparkSession:
+    spark = SparkSession.getActiveSession()
+    if spark is None:
+        builder = SparkSession.builder.appName(config.spark.app_name)
+        if config.spark.master:
+            builder = builder.master(config.spark.master)
+        spark = builder.getOrCreate()
+    _set_runtime(spark, {**runtime_conf(config), **config.spark.conf})
+    return spark
+
+
+def _set_runtime(spark: SparkSession, conf: dict[str, str]) -> None:
+    for key, value in conf.items():
+        try:
+            spark.conf.set(key, value)
+        except Exception as exc:  # noqa: BLE001 - some platforms forbid setting some options
+            log.warning("could not set %s=%s on this session: %s", key, value, str(exc).splitlines()[0])
+
+
+def _prepare_local_env() -> None:
+    """Environment the local JVM and its Python workers inherit."""
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # Python workers must import the same refinex as the driver, installed or not.
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if _PACKAGE_ROOT not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *paths])
+
+
+def _local_session(config: Config, workdir: Optional[str]) -> SparkSession:
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        _set_runtime(active, {**runtime_conf(config), **config.spark.conf})
+        return active
+    _prepare_local_env()
+    sc = config.spark
+    builder = SparkSession.builder.master(sc.master or "local[*]").appName(sc.app_name)
+    conf: dict[str, str] = {
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.ui.enabled": "true" if sc.ui_enabled else "false",
+        "spark.ui.showConsoleProgress": "true" if sc.console_progress else "false",
+        "spark.driver.host": os.environ["SPARK_LOCAL_IP"],
+        "spark.driver.bindAddress": os.environ["SPARK_LOCAL_IP"],
+        # Delta reads its log with this many tasks (default 50: far too many on one machine).
+        "spark.databricks.delta.snapshotPartitions": str(sc.shuffle_partitions),
+        **runtime_conf(config),
+    }
+    if workdir is not None and is_local_path(workdir):
+        spark_dir = local_path(workdir) / "spark"
+        for sub in ("warehouse", "derby", "local"):
+            (spark_dir / sub).mkdir(parents=True, exist_ok=True)
+        conf["spark.sql.warehouse.dir"] = str(spark_dir / "warehouse")
+        # Scratch space (shuffle, spills); the variable wins over spark.local.dir anyway.
+        os.environ.setdefault("SPARK_LOCAL_DIRS", str(spark_dir / "local"))
+        conf["spark.driver.extraJavaOptions"] = f"-Dderby.system.home={spark_dir / 'derby'}"
+    if sc.jar_resolver == "spark":
+        from delta import configure_spark_with_delta_pip
+
+        builder = configure_spark_with_delta_pip(builder)
+        conf["spark.jars.ivy"] = str(ivy_home())
+    else:
+        jars = ensure_delta_jars(sc.jar_resolver, spark_conf=sc.conf)
+        log.info("Delta %s jars (%s) from %s", jars.version, jars.resolver, jars.directory)
+        conf["spark.jars"] = jars.spark_jars
+    conf.update(sc.conf)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(sc.log_level)
+    return spark
