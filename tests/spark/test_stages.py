@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -171,3 +172,18 @@ def test_stats_stage_one_row_per_document(
 
     again = run_stats(spark, spark_config, workdir)
     assert (again["rows_inserted"], again["rows_updated"]) == (0, 0)
+
+    plot = Path(stats["plot"])
+    assert plot.parent == Path(workdir) / "reports" and plot.suffix == ".png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("workdir", "local"),
+    [("/tmp/w", "/tmp/w"), ("work/demo", "work/demo"), ("file:///tmp/w", "/tmp/w"),
+     ("dbfs:/Volumes/main/w", None), ("gs://bucket/w", None), ("s3a://bucket/w", None)],
+)
+def test_only_local_workdirs_get_a_plot(workdir: str, local: str | None) -> None:
+    from refinex.spark.stats import _local_dir
+
+    assert _local_dir(workdir) == (Path(local) if local else None)
