@@ -9,8 +9,11 @@ for everything an execution would have measured.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -31,6 +34,41 @@ from refinex.spark.tables import (
 log = logging.getLogger(__name__)
 
 STAGE = "stats"
+HIST_BINS = 20
+
+
+def _local_dir(workdir: str) -> Optional[Path]:
+    """``workdir`` as a local folder, or None for remote stores (dbfs:/, gs://, s3://, ...)."""
+    parsed = urlparse(workdir)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme == "file" else workdir)
+    return None
+
+
+def write_report_plot(
+    spark: SparkSession, workdir: str, origin: str, origin_version: str, by_status: dict[str, int]
+) -> Optional[str]:
+    """PNG of the deletion-ratio histogram and statuses under ``<workdir>/reports/``.
+
+    The histogram is computed in Spark; only the bin counts reach the driver. Remote
+    workdirs get no plot (the numbers are in ``edit_stats`` and ``stage_runs``).
+    """
+    local = _local_dir(workdir)
+    if local is None:
+        log.info("stats: no plot for the remote workdir %s", workdir)
+        return None
+    from refinex.evaluation.plots import plot_edit_stats
+
+    rows = read_table(spark, workdir, EDIT_STATS).where(
+        (F.col("origin") == origin) & (F.col("origin_version") == origin_version)
+        & F.col("deletion_ratio").isNotNull()
+    )
+    bins = F.least(F.floor(F.col("deletion_ratio") * HIST_BINS), F.lit(HIST_BINS - 1)).cast("int")
+    counts = {int(r["bin"]): int(r["n"]) for r in rows.groupBy(bins.alias("bin")).count().withColumnRenamed("count", "n").collect()}
+    hist = [counts.get(i, 0) for i in range(HIST_BINS)]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{origin}-{origin_version}")[:120]
+    out = plot_edit_stats(hist, by_status, local / "reports" / f"edit_stats-{safe}.png", f"{origin} {origin_version}")
+    return str(out)
 
 
 def summarize(spark: SparkSession, workdir: str, origin: str, origin_version: str) -> dict[str, Any]:
@@ -100,6 +138,7 @@ def run_stats(
         "rows_inserted": metrics["inserted"],
         "rows_updated": metrics["updated"],
     }
+    stats["plot"] = write_report_plot(spark, workdir, origin, origin_version, stats["by_status"])
     log.info("stats %s/%s: %s", origin, origin_version, stats["by_status"])
     record_stage_run(
         spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc),
