@@ -35,6 +35,7 @@ def plot_edit_stats(
     statuses = list(by_status)
     right.barh(statuses, [by_status[s] for s in statuses], color="#55a868")
     right.invert_yaxis()
+    right.set_xlim(0, max(by_status.values(), default=1) * 1.18 or 1)
     right.set_xlabel("documents")
     right.set_title("status")
     for y, status in enumerate(statuses):
