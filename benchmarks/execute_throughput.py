@@ -38,29 +38,12 @@ from refinex.experts.base import OK, ExpertInput  # noqa: E402
 from refinex.experts.html import TrafilaturaExpert  # noqa: E402
 from refinex.program import Program, execute, execute_text  # noqa: E402
 from refinex.text import html_to_text  # noqa: E402
+from report import cpu_model, load_average, write_section  # noqa: E402
 
 DEFAULT_PAGES = REPO.parent / "shared" / "data" / "webpages-dev.jsonl.gz"
 SECTION = "## Program execution throughput"
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    """The 1-minute load average when the run ended (other processes share the cores)."""
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "unknown"
 
 
 def prepare(pages: Sequence[dict[str, Any]], progress: bool) -> list[tuple[str, Program]]:
@@ -154,21 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out is not None:
         args.out.write_text(section, encoding="utf-8")
     if args.write_benchmarks:
-        write_section(REPO / "BENCHMARKS.md", section)
+        write_section(REPO / "BENCHMARKS.md", section, SECTION)
     return 0
 
-
-def write_section(path: Path, section: str, heading: str = SECTION) -> None:
-    """Replace ``heading``'s section of ``path`` (up to the next ``## `` heading) or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        rest = text[end + 1 :] if end >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

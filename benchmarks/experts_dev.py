@@ -38,8 +38,9 @@ from refinex.evaluation import load_pages, score_outputs  # noqa: E402
 from refinex.experts import get_expert  # noqa: E402
 from refinex.experts.base import OK, ExpertInput  # noqa: E402
 from refinex.experts.consensus import ConsensusExpert, VoteTable, mask_from_program  # noqa: E402
-from refinex.program import Program, execute, parse  # noqa: E402
+from refinex.program import execute, parse  # noqa: E402
 from refinex.text import TEXT_EXTRACTOR_VERSION, html_to_text  # noqa: E402
+from report import write_section  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "webpages-dev.jsonl.gz"
 DEFAULT_CACHE = Path("/tmp/refinex_experts_dev")
@@ -357,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             encoding="utf-8",
         )
     if args.write_benchmarks:
-        write_section(REPO / "BENCHMARKS.md", table)
+        write_section(REPO / "BENCHMARKS.md", table, SECTION)
     return 0
 
 
@@ -381,18 +382,6 @@ def configured_vote(members: Sequence[str]) -> Optional[tuple[list[float], float
         return None
     return [weights[m] for m in members], float(section.get("threshold", 0.5))
 
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (up to the next ``## `` heading) or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        rest = text[end + 1 :] if end >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

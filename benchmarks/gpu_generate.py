@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from refinex.model.backends.base import DecodeConfig, GenerationRequest  # noqa: E402
 from refinex.model.backends.hf import HFBackend  # noqa: E402
 from refinex.model.constrained import TokenTable  # noqa: E402
+from report import write_section  # noqa: E402
 
 QWEN25_05B = {
     "hidden_size": 896,
@@ -454,19 +455,6 @@ VALIDITY_SECTION = "## Refine-model constrained decoding: invalid-program rate"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_section(path: Path, body: str, heading: str = SECTION) -> None:
-    """Replace ``heading``'s section of ``path`` (up to the next ``## ``) or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    section = f"{heading}\n\n{body.strip()}\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        rest = text[end + 1 :] if end >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    path.write_text(text, encoding="utf-8")
-
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -540,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.write_benchmarks:
-        write_section(REPO / "BENCHMARKS.md", f"{header}\n\n{table}", heading)
+        write_section(REPO / "BENCHMARKS.md", f"{heading}\n\n{header}\n\n{table}", heading)
     return 0
 
 

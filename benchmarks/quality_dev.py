@@ -41,6 +41,7 @@ from refinex.experts.base import OK, ExpertInput  # noqa: E402
 from refinex.experts.html import TrafilaturaExpert  # noqa: E402
 from refinex.program import RemoveLines, RemoveStr, Result, execute  # noqa: E402
 from refinex.text import TEXT_EXTRACTOR_VERSION, html_to_text  # noqa: E402
+from report import cpu_model, load_average, write_section  # noqa: E402
 
 DEFAULT_PAGES = REPO.parent / "shared" / "data" / "webpages-dev.jsonl.gz"
 SECTION = "## Expert and distillation quality (dev pages)"
@@ -70,24 +71,6 @@ class PageRun:
     distill_s: float
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    """The 1-minute load average when the run ended (other processes share the cores)."""
-    try:
-        return f"{os.getloadavg()[0]:.1f}"
-    except OSError:
-        return "unknown"
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -311,18 +294,6 @@ def render_section(
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str, heading: str = SECTION) -> None:
-    """Replace ``heading``'s section of ``path`` (up to the next ``## `` heading) or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        rest = text[end + 1 :] if end >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    path.write_text(text, encoding="utf-8")
-
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -390,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         args.json.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     if args.write_benchmarks:
-        write_section(REPO / "BENCHMARKS.md", section)
+        write_section(REPO / "BENCHMARKS.md", section, SECTION)
     return 0
 
 
