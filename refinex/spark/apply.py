@@ -168,6 +168,9 @@ def _apply_partition(max_error_ratio: float, min_kept_chars: int) -> Callable[[I
             for field in _COUNT_FIELDS:
                 frame[field.name] = frame[field.name].astype("Int64")
             frame["deletion_ratio"] = frame["deletion_ratio"].astype("float64")
+            # In a batch without any program these are all missing: None, not pandas' float NaN.
+            for column in ("refined_text", "rejected_json"):
+                frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
             yield frame
 
     return run
