@@ -2,9 +2,11 @@
 
     python jobs/run_stage.py STAGE [--workdir DIR] [--profile databricks] [--input PATH]
         [--limit N] [--expert NAME] [--force] [--origin O --origin-version V]
-        [--output FILE] [--set section.key=value ...]
+        [--output FILE] [--base BASE] [--model URI] [--split S] [--version N]
+        [--set section.key=value ...]
 
-STAGE is ingest, expert, distill, apply, stats or export. The stage's statistics are
+STAGE is ingest, expert, distill, apply, stats, export, sft_pairs, train, refine (refine,
+then apply and stats of its programs) or promote (``--version N`` becomes @champion). The stage's statistics are
 printed as JSON; the exit status is non-zero when the stage fails.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-STAGES = ("ingest", "expert", "distill", "apply", "stats", "export")
+STAGES = ("ingest", "expert", "distill", "apply", "stats", "export", "sft_pairs", "train", "refine", "promote")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,16 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", action="append", default=[], help="ingest: input file, folder or glob")
     parser.add_argument("--limit", type=int, default=None, help="ingest: only the first N records")
     parser.add_argument("--expert", default=None, help="expert, distill: expert name")
-    parser.add_argument("--force", action="store_true", help="expert: refine again")
+    parser.add_argument("--force", action="store_true", help="expert, refine: redo done documents; train: retrain")
     parser.add_argument("--origin", default=None, help="apply, stats, export: program origin")
     parser.add_argument("--origin-version", default=None, help="apply, stats, export: program version")
     parser.add_argument("--output", default=None, help="export: output JSONL file")
+    parser.add_argument("--base", default=None, help="sft_pairs, train: base of the refine model")
+    parser.add_argument("--model", default=None, help="refine: model URI (default: models:/refinex-refiner@champion)")
+    parser.add_argument("--split", default=None, help="refine: only the train or validation documents")
+    parser.add_argument("--version", default=None, help="promote: registered version")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
     args = parser.parse_args(argv)
     if args.stage == "ingest" and not args.input:
         parser.error("ingest needs --input")
     if args.stage == "export" and not args.output:
         parser.error("export needs --output")
+    if args.stage == "promote" and not args.version:
+        parser.error("promote needs --version")
 
     from refinex.config import load_config
     from refinex.spark.session import get_spark
@@ -66,10 +74,32 @@ def main(argv: list[str] | None = None) -> int:
         from refinex.spark.stats import run_stats
 
         stats = run_stats(spark, config, workdir, **origin)
-    else:
+    elif args.stage == "export":
         from refinex.spark.apply import run_export
 
         stats = run_export(spark, config, workdir, args.output, **origin)
+    elif args.stage == "sft_pairs":
+        from refinex.spark.sft import run_sft_pairs
+
+        stats = run_sft_pairs(spark, config, workdir, base=args.base)
+    elif args.stage == "train":
+        from refinex.spark.train import run_train
+
+        stats = run_train(spark, config, workdir, base=args.base, force=args.force)
+    elif args.stage == "refine":
+        from refinex.spark.apply import run_apply
+        from refinex.spark.refine import run_refine
+        from refinex.spark.stats import run_stats
+
+        model = args.model or f"models:/{config.model.registered_name}@{config.model.champion_alias}"
+        refined = run_refine(spark, config, workdir, model, split=args.split, force=args.force)
+        chosen = {"origin": refined["origin"], "origin_version": refined["origin_version"]}
+        stats = {"refine": refined, "apply": run_apply(spark, config, workdir, **chosen),
+                 "stats": run_stats(spark, config, workdir, **chosen)}
+    else:
+        from refinex.spark.train import promote
+
+        stats = promote(config, workdir, args.version)
     print(json.dumps(stats, indent=2, default=str))
     return 0
 

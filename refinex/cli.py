@@ -55,6 +55,32 @@ InputOpt = Annotated[
 ]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=0, help="Only the first N input records.")]
 ExpertOpt = Annotated[Optional[str], typer.Option("--expert", help="Expert name (default: expert.name of the profile).")]
+BaseOpt = Annotated[
+    Optional[str],
+    typer.Option("--base", help="Base of the refine model: tiny, smollm2-135m, qwen3-0.6b-base or a checkpoint "
+                 "folder (default: model.base of the profile)."),
+]
+ExpertNameOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--expert",
+        help="Expert that refines documents: trafilatura, llm, consensus or any registered one "
+        "(default: expert.name of the profile).",
+    ),
+]
+ExpertBaseUrlOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--expert-base-url",
+        help="OpenAI-compatible endpoint of the llm expert (or of consensus' llm member, which it enables), "
+        "e.g. http://127.0.0.1:8000/v1. The API key is read from $REFINEX_EXPERT_API_KEY (Bearer).",
+    ),
+]
+ExpertModelOpt = Annotated[Optional[str], typer.Option("--expert-model", help="Model name sent to that endpoint.")]
+ExpertConcurrencyOpt = Annotated[
+    Optional[int],
+    typer.Option("--expert-max-concurrency", min=1, help="LLM requests in flight per Spark task."),
+]
 
 
 class CliError(Exception):
@@ -66,10 +92,28 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("py4j", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _config(config: Optional[str], overrides: Optional[list[str]]) -> Config:
     return load_config(config, overrides or [])
+
+
+def _expert_config(
+    config: Optional[str],
+    overrides: Optional[list[str]],
+    name: Optional[str],
+    base_url: Optional[str],
+    model: Optional[str],
+    max_concurrency: Optional[int],
+) -> Config:
+    """The profile, then the --expert* choices (``refinex.spark.expert.configure_expert``),
+    then the --set overrides, so ``--set expert.options.KEY=VALUE`` tunes the chosen expert."""
+    from refinex.config import parse_override
+    from refinex.spark.expert import configure_expert
+
+    cfg = configure_expert(load_config(config), name, base_url=base_url, model=model, max_concurrency=max_concurrency)
+    return cfg.with_overrides(dict(parse_override(o) for o in overrides)) if overrides else cfg
 
 
 def _workdir(cfg: Config, workdir: Optional[str]) -> str:
@@ -117,17 +161,41 @@ def pipeline(
     inputs: InputOpt,
     workdir: WorkdirOpt = None,
     limit: LimitOpt = None,
+    expert: ExpertNameOpt = None,
+    expert_base_url: ExpertBaseUrlOpt = None,
+    expert_model: ExpertModelOpt = None,
+    expert_max_concurrency: ExpertConcurrencyOpt = None,
+    base: BaseOpt = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="Refine with this model instead of training one: models:/NAME@ALIAS, "
+                     "models:/NAME/N or a checkpoint folder."),
+    ] = None,
+    skip_train: Annotated[
+        bool, typer.Option("--skip-train", help="Do not train: refine with the champion (models:/refinex-refiner@champion).")
+    ] = False,
+    skip_model: Annotated[
+        bool, typer.Option("--skip-model", help="Stop after the distilled programs (no sft_pairs, train, refine).")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run ingest -> expert -> distill -> apply -> stats and print a summary."""
+    """Run the whole flow and print both program origins side by side.
+
+    ingest -> expert -> distill -> apply -> stats (the distilled oracle), then sft_pairs ->
+    train -> refine -> apply -> stats with the refine model. The default trains model.base
+    (tiny) on this run's distilled programs; --model or --skip-train reuse a model.
+    """
 
     def body() -> None:
         from refinex.spark.pipeline import format_summary, run_pipeline
 
-        cfg = _config(config, set_)
+        cfg = _expert_config(config, set_, expert, expert_base_url, expert_model, expert_max_concurrency)
         wd = _workdir(cfg, workdir)
-        result = run_pipeline(_session(cfg, wd), cfg, wd, inputs, limit=limit)
+        result = run_pipeline(
+            _session(cfg, wd), cfg, wd, inputs, limit=limit, base=base, model_uri=model,
+            train=not skip_train, refine=not skip_model,
+        )
         typer.echo(format_summary(result))
 
     _run(body)
@@ -158,21 +226,24 @@ def ingest(
 @app.command()
 def expert(
     workdir: WorkdirOpt = None,
-    expert: ExpertOpt = None,
+    expert: ExpertNameOpt = None,
+    expert_base_url: ExpertBaseUrlOpt = None,
+    expert_model: ExpertModelOpt = None,
+    expert_max_concurrency: ExpertConcurrencyOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Refine again documents that already have an ok refinement.")
     ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Refine documents with the expert into expert_refinements."""
+    """Refine documents with the expert into expert_refinements (LLM responses cached in expert_cache)."""
 
     def body() -> None:
         from refinex.spark.expert import run_expert
 
-        cfg = _config(config, set_)
+        cfg = _expert_config(config, set_, expert, expert_base_url, expert_model, expert_max_concurrency)
         wd = _workdir(cfg, workdir)
-        _print_json(run_expert(_session(cfg, wd), cfg, wd, expert=expert, force=force))
+        _print_json(run_expert(_session(cfg, wd), cfg, wd, force=force))
 
     _run(body)
 
@@ -256,6 +327,127 @@ def export(
         cfg = _config(config, set_)
         wd = _workdir(cfg, workdir)
         _print_json(run_export(_session(cfg, wd), cfg, wd, output, origin=origin, origin_version=origin_version))
+
+    _run(body)
+
+
+@app.command("sft-pairs")
+def sft_pairs(
+    workdir: WorkdirOpt = None,
+    base: BaseOpt = None,
+    origin_version: Annotated[
+        Optional[str],
+        typer.Option("--origin-version", help="Distilled program version (default: the newest of the expert)."),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Rebuild sft_pairs: one (prompt, target) pair per chunk of every distilled program."""
+
+    def body() -> None:
+        from refinex.spark.sft import run_sft_pairs
+
+        cfg = _config(config, set_)
+        wd = _workdir(cfg, workdir)
+        _print_json(run_sft_pairs(_session(cfg, wd), cfg, wd, origin_version=origin_version, base=base))
+
+    _run(body)
+
+
+@app.command()
+def train(
+    workdir: WorkdirOpt = None,
+    base: BaseOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Train even if a registered version has the same pairs and settings.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fine-tune the refine model on sft_pairs, log it to MLflow and register it.
+
+    Settings: the base's defaults (conf/model/<base>.yaml) and the train section
+    (--set train.max_steps=200). Tracking: model.tracking_uri, else $MLFLOW_TRACKING_URI,
+    else sqlite:///WORKDIR/mlflow.db. The first registered version becomes @champion.
+    """
+
+    def body() -> None:
+        from refinex.spark.train import run_train
+
+        cfg = _config(config, set_)
+        wd = _workdir(cfg, workdir)
+        stats = run_train(_session(cfg, wd), cfg, wd, base=base, force=force)
+        _print_json(stats)
+        typer.echo(f"model: {stats['model_uri']} (champion: version {stats['champion_version']})")
+
+    _run(body)
+
+
+@app.command()
+def refine(
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="models:/refinex-refiner@champion, models:/refinex-refiner/N, "
+                     "any MLflow model URI or a checkpoint folder."),
+    ],
+    workdir: WorkdirOpt = None,
+    backend: Annotated[
+        Optional[str], typer.Option("--backend", help="transformers, vllm or openai (default: refine.backend).")
+    ] = None,
+    unconstrained: Annotated[
+        bool, typer.Option("--unconstrained", help="Plain decoding instead of grammar-constrained decoding.")
+    ] = False,
+    split: Annotated[
+        Optional[str], typer.Option("--split", help="Only the documents of this SFT split: train or validation.")
+    ] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N documents (by doc_id).")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Refine again documents that already have a program of this model.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Refine documents with the model (programs of origin model), then apply and stats."""
+
+    def body() -> None:
+        from refinex.spark.apply import run_apply
+        from refinex.spark.refine import run_refine
+        from refinex.spark.stats import run_stats
+
+        cfg = _config(config, set_)
+        wd = _workdir(cfg, workdir)
+        spark = _session(cfg, wd)
+        result = run_refine(
+            spark, cfg, wd, model, backend=backend, constrained=False if unconstrained else None,
+            split=split, limit=limit, force=force,
+        )
+        origin = {"origin": result["origin"], "origin_version": result["origin_version"]}
+        applied = run_apply(spark, cfg, wd, run_id=result["run_id"], **origin)
+        _print_json({"refine": result, "apply": applied, "stats": run_stats(spark, cfg, wd, run_id=result["run_id"], **origin)})
+
+    _run(body)
+
+
+@app.command()
+def promote(
+    version: Annotated[int, typer.Option("--version", min=1, help="Registered version to promote.")],
+    workdir: WorkdirOpt = None,
+    alias: Annotated[
+        Optional[str], typer.Option("--alias", help="Alias to move (default: model.champion_alias, champion).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Point models:/refinex-refiner@champion at version N of the registry."""
+
+    def body() -> None:
+        from refinex.spark.train import promote as promote_version
+
+        cfg = _config(config, set_)
+        wd = _workdir(cfg, workdir)
+        result = promote_version(cfg, wd, version, alias)
+        _print_json(result)
+        typer.echo(f"{result['model_uri']} -> version {result['version']} (was {result['previous'] or 'unset'})")
 
     _run(body)
 

@@ -28,6 +28,7 @@ DELTA_MODES = (DELTA_LOCAL, DELTA_CLUSTER)
 
 JAR_RESOLVERS = ("auto", "spark", "maven")
 INPUT_FORMATS = ("auto", "jsonl", "parquet")
+REFINE_BACKENDS = ("transformers", "vllm", "openai")
 
 
 class ConfigError(ValueError):
@@ -85,12 +86,19 @@ class ExpertConfig:
     options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 16
     docs_per_partition: int = 200
+    mlflow: bool = True  # log each expert stage run to MLflow
+    mlflow_experiment: str = "refinex-expert"
+    mlflow_tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else <workdir>/mlflow.db
 
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("expert.name must not be empty")
         _positive("expert.batch_size", self.batch_size)
         _positive("expert.docs_per_partition", self.docs_per_partition)
+        if not isinstance(self.mlflow, bool):
+            raise ConfigError(f"expert.mlflow must be true or false, got {self.mlflow!r}")
+        if not self.mlflow_experiment:
+            raise ConfigError("expert.mlflow_experiment must not be empty")
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,71 @@ class ApplyConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The refine model: its base, the tiny tokenizer's corpus and MLflow tracking/registry."""
+
+    base: str = "tiny"
+    tokenizer_corpus_docs: int = 1000
+    tracking_uri: Optional[str] = None
+    experiment: str = "refinex-train"
+    registered_name: str = "refinex-refiner"
+    champion_alias: str = "champion"
+    eval_chunks: int = 32
+
+    def validate(self) -> None:
+        if not isinstance(self.eval_chunks, int) or self.eval_chunks < 0:
+            raise ConfigError(f"model.eval_chunks must be >= 0, got {self.eval_chunks!r}")
+        if not self.base:
+            raise ConfigError("model.base must not be empty")
+        if not isinstance(self.tokenizer_corpus_docs, int) or self.tokenizer_corpus_docs < 0:
+            raise ConfigError(f"model.tokenizer_corpus_docs must be >= 0, got {self.tokenizer_corpus_docs!r}")
+        for name in ("experiment", "registered_name", "champion_alias"):
+            if not getattr(self, name):
+                raise ConfigError(f"model.{name} must not be empty")
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    """Which distilled programs become SFT pairs, and the document-level split."""
+
+    origin_version: Optional[str] = None
+    validation_fraction: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 <= float(self.validation_fraction) <= 1.0:
+            raise ConfigError(f"sft.validation_fraction must be in [0, 1], got {self.validation_fraction}")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How the refine stage runs the model (``refinex.spark.refine``)."""
+
+    backend: str = "transformers"
+    constrained: bool = True
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    docs_per_partition: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+    load_log: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.backend not in REFINE_BACKENDS:
+            raise ConfigError(f"refine.backend must be one of {REFINE_BACKENDS}, got {self.backend!r}")
+        _positive("refine.max_new_tokens", self.max_new_tokens)
+        _positive("refine.batch_size", self.batch_size)
+        _positive("refine.docs_per_partition", self.docs_per_partition)
+
+
+def _validate_train(settings: Mapping[str, Any]) -> None:
+    from refinex.model.train import TrainConfig
+
+    try:
+        TrainConfig.from_dict(settings)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"train: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of a run."""
 
@@ -141,10 +214,18 @@ class Config:
     guardrails: GuardrailsConfig = field(default_factory=GuardrailsConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     apply: ApplyConfig = field(default_factory=ApplyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    train: dict[str, Any] = field(default_factory=dict)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     def validate(self) -> "Config":
-        for section in (self.spark, self.ingest, self.expert, self.guardrails, self.chunking, self.apply):
+        for section in (
+            self.spark, self.ingest, self.expert, self.guardrails, self.chunking, self.apply,
+            self.model, self.sft, self.refine,
+        ):
             section.validate()
+        _validate_train(self.train)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""The whole flow: ingest -> expert -> distill -> apply -> stats, under one run id.
+"""The whole flow, under one run id: ingest -> expert -> distill -> apply -> stats for the
+distilled programs (the oracle), then sft_pairs -> train -> refine -> apply -> stats for the
+refine model's programs (``model_uri`` skips training and uses that model; ``refine=False``
+stops after the distilled programs). The model's apply and stats rows in ``stage_runs``
+carry the run id ``<run id>+model``.
 
 Every stage reads its inputs from Delta, writes its output idempotently and records its
 ``stage_runs`` row, so rerunning the pipeline on the same input leaves every table as it
@@ -18,11 +22,13 @@ from refinex.spark.distill import run_distill
 from refinex.spark.expert import run_expert
 from refinex.spark.ingest import run_ingest
 from refinex.spark.stats import run_stats
-from refinex.spark.tables import TABLES, new_run_id, record_stage_run, table_path
+from refinex.spark.tables import ORIGIN_MODEL, TABLES, new_run_id, record_stage_run, table_path
 
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "expert", "distill", "apply", "stats")
+MODEL_STAGES = ("sft_pairs", "train", "refine", "apply_model", "stats_model")
+MODEL_RUN_SUFFIX = "+model"
 PIPELINE = "pipeline"
 """``stage_runs.stage`` of the whole run: its params hold the full configuration."""
 
@@ -34,11 +40,18 @@ def run_pipeline(
     input_paths: str | Sequence[str],
     limit: Optional[int] = None,
     run_id: Optional[str] = None,
+    base: Optional[str] = None,
+    model_uri: Optional[str] = None,
+    train: bool = True,
+    refine: bool = True,
 ) -> dict[str, Any]:
     """Run every stage; returns ``{"run_id", "workdir", <stage>: stats, ...}``.
 
-    Besides each stage's row, ``stage_runs`` gets a ``pipeline`` row whose params hold the
-    input and the whole configuration of the run.
+    The model part: ``base`` overrides ``model.base``; ``model_uri`` (or ``train=False``,
+    which means ``models:/<registered name>@<champion alias>``) refines with an existing
+    model instead of training one; ``refine=False`` leaves the model part out. Besides each
+    stage's row, ``stage_runs`` gets a ``pipeline`` row whose params hold the input and the
+    whole configuration of the run.
     """
     started = datetime.now(timezone.utc)
     run_id = run_id or new_run_id()
@@ -52,11 +65,103 @@ def run_pipeline(
         origin, origin_version = config.apply.origin, config.apply.origin_version
     result["apply"] = run_apply(spark, config, workdir, origin=origin, origin_version=origin_version, run_id=run_id)
     result["stats"] = run_stats(spark, config, workdir, origin=origin, origin_version=origin_version, run_id=run_id)
+    if refine:
+        distilled = config.sft.origin_version or f"{result['expert']['expert']}:{result['expert']['expert_version']}"
+        result.update(_run_model(spark, config, workdir, run_id, distilled, base, model_uri, train))
     paths = [input_paths] if isinstance(input_paths, str) else list(input_paths)
-    params = {"input": paths, "limit": limit, "config": config.to_dict()}
-    summary = {stage: result[stage] for stage in STAGES}
+    params = {"input": paths, "limit": limit, "config": config.to_dict(), "base": base, "model_uri": model_uri,
+              "train": train, "refine": refine}
+    summary = {stage: result[stage] for stage in (*STAGES, *MODEL_STAGES) if stage in result}
     record_stage_run(spark, workdir, run_id, PIPELINE, started, datetime.now(timezone.utc), params, summary)
     return result
+
+
+def _run_model(
+    spark: SparkSession,
+    config: Config,
+    workdir: str,
+    run_id: str,
+    distilled_version: str,
+    base: Optional[str],
+    model_uri: Optional[str],
+    train: bool,
+) -> dict[str, Any]:
+    """sft_pairs -> train -> refine -> apply -> stats (or refine with ``model_uri``)."""
+    from refinex.spark.refine import run_refine
+    from refinex.spark.sft import run_sft_pairs
+    from refinex.spark.train import run_train
+
+    result: dict[str, Any] = {}
+    if model_uri is None and train:
+        result["sft_pairs"] = run_sft_pairs(
+            spark, config, workdir, origin_version=distilled_version, base=base, run_id=run_id
+        )
+        result["train"] = run_train(spark, config, workdir, base=base, run_id=run_id)
+        model_uri = result["train"]["model_uri"]
+    elif model_uri is None:
+        model_uri = f"models:/{config.model.registered_name}@{config.model.champion_alias}"
+    result["refine"] = run_refine(spark, config, workdir, model_uri, run_id=run_id)
+    version = result["refine"]["origin_version"]
+    model_run = f"{run_id}{MODEL_RUN_SUFFIX}"
+    result["apply_model"] = run_apply(
+        spark, config, workdir, origin=ORIGIN_MODEL, origin_version=version, run_id=model_run
+    )
+    result["stats_model"] = run_stats(
+        spark, config, workdir, origin=ORIGIN_MODEL, origin_version=version, run_id=model_run
+    )
+    return result
+
+
+def format_origins(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``stats`` summaries of several origins side by side, one line each."""
+    statuses = sorted({status for row in rows for status in row["by_status"]})
+    header = ["origin", "version", "documents", *statuses, "deletion ratio", "chars out"]
+    table = [header]
+    for row in rows:
+        ratio = row["mean_deletion_ratio"]
+        table.append([
+            row["origin"], row["origin_version"], str(row["documents"]),
+            *[str(row["by_status"].get(status, 0)) for status in statuses],
+            "n/a" if ratio is None else f"{ratio:.3f}", f"{row['chars_out']:,}",
+        ])
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+
+
+def _model_lines(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    sft = result.get("sft_pairs")
+    if sft:
+        lines.append(
+            f"sft pairs: {sft['pairs']} ({sft['train_pairs']} train / {sft['validation_pairs']} validation) from "
+            f"{sft['documents_with_pairs']} documents of {sft['origin_version']}"
+        )
+    train = result.get("train")
+    if train:
+        if train["reused"]:
+            lines.append(f"train: reused {train['model_uri']} (same pairs, base and settings)")
+        else:
+            loss = train.get("validation_loss")
+            first = train.get("initial_validation_loss")
+            lines.append(
+                f"train: {train['model_uri']} ({train['base']}, {train['steps']} steps, {train['train_seconds']}s); "
+                f"validation loss {'n/a' if first is None else f'{first:.3f}'} -> "
+                f"{'n/a' if loss is None else f'{loss:.3f}'}"
+                + (f"; validation chunks: removed-character F1 {train['val_char_f1']:.3f}, line F1 "
+                   f"{train['val_line_f1']:.3f}" if "val_char_f1" in train else "")
+            )
+        lines.append(f"  champion: version {train['champion_version']} (tracking {train['tracking_uri']})")
+    refine = result.get("refine")
+    if refine:
+        rate = refine["docs_per_s"]
+        lines.append(
+            f"refine: {refine['processed']} documents ({refine['chunks']} chunks) with {refine['model_uri']} "
+            f"[{refine['backend']}{', constrained' if refine['constrained'] else ''}] in {refine['generate_seconds']}s"
+            + ("" if rate is None else f" ({rate:.2f} docs/s)")
+            + f", {refine['skipped_existing']} already done; invalid chunks {refine['invalid_chunks']}; "
+            f"model loaded {refine['model_loads']}x in {refine['worker_processes']} worker process(es)"
+        )
+    return lines
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -74,14 +179,16 @@ def format_summary(result: dict[str, Any]) -> str:
         f"expert {expert['expert']} ({expert['expert_version']}): {expert['processed']} refined now "
         f"({expert['ok']} ok, {expert['failed']} failed), {expert['skipped_existing']} already done"
     )
-    lines.append(f"programs: {stats['origin']} {stats['origin_version']}")
-    statuses = ", ".join(f"{k} {v}" for k, v in stats["by_status"].items()) or "none"
-    lines.append(f"statuses ({stats['documents']} documents): {statuses}")
-    ratio = stats["mean_deletion_ratio"]
-    lines.append(
-        "mean deletion ratio: " + ("n/a" if ratio is None else f"{ratio:.3f}")
-        + f"; chars in {stats['chars_in']:,} -> out {stats['chars_out']:,}"
-    )
+    if expert.get("requests") or expert.get("cache_hits"):
+        lines.append(
+            f"  endpoint: {expert['requests']} requests ({expert['retries']} retries), "
+            f"{expert['cache_hits']} cache hits, tokens in {expert['tokens_in']:,} / out {expert['tokens_out']:,}"
+        )
+    lines.extend(_model_lines(result))
+    origins = [stats, *([result["stats_model"]] if "stats_model" in result else [])]
+    lines.append(f"programs by origin ({'distilled oracle vs refine model' if len(origins) > 1 else stats['origin']}):")
+    lines.extend(format_origins(origins))
+    lines.append(f"chars in {stats['chars_in']:,}")
     lines.append(f"tables: {table_path(result['workdir'], 'documents').rsplit('/', 1)[0]}/<table>")
     lines.append("  " + ", ".join(TABLES))
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
+    ArrayType,
     BooleanType,
     DataType,
     DoubleType,
@@ -28,13 +29,21 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from refinex.experts.cache import CACHE_ROW_SCHEMA
+
 DOCUMENTS = "documents"
 QUARANTINE = "quarantine"
 EXPERT_REFINEMENTS = "expert_refinements"
+EXPERT_MEMBERS = "expert_members"
+EXPERT_CACHE = "expert_cache"
 PROGRAMS = "programs"
 REFINED_DOCUMENTS = "refined_documents"
 EDIT_STATS = "edit_stats"
 STAGE_RUNS = "stage_runs"
+SFT_PAIRS = "sft_pairs"
+MODEL_OUTPUTS = "model_outputs"
+
+_CACHE_TYPES: dict[str, DataType] = {"string": StringType(), "bigint": LongType(), "timestamp": TimestampType()}
 
 ORIGIN_DISTILLED = "distilled"
 ORIGIN_MODEL = "model"
@@ -115,6 +124,26 @@ TABLES: dict[str, TableSpec] = {
         ]),
         keys=("doc_id", "expert"), bookkeeping=("latency_s", "created_at"),
     ),
+    # One row per document x combining expert (consensus) x member: each member's output, its
+    # distilled program and whether it voted, for audit (refinex.spark.expert).
+    EXPERT_MEMBERS: TableSpec(
+        EXPERT_MEMBERS,
+        StructType([
+            _f("doc_id", S, False), _f("expert", S, False), _f("member", S, False), _f("expert_version", S),
+            _f("member_version", S), _f("weight", D), _f("status", S, False), _f("voted", B), _f("error", S),
+            _f("refined_text", S), _f("program", S), _f("lines_removed", I), _f("chars_deleted", L),
+            _f("tokens_in", L), _f("tokens_out", L), _f("requests", I), _f("cached", B), _f("latency_s", D),
+            _f("created_at", T),
+        ]),
+        keys=("doc_id", "expert", "member"), bookkeeping=("requests", "cached", "latency_s", "created_at"),
+    ),
+    # The LLM response cache (refinex.experts.cache.CACHE_ROW_SCHEMA). Insert-only: every
+    # column but the key is bookkeeping, so a key keeps its first row like every ResponseCache.
+    EXPERT_CACHE: TableSpec(
+        EXPERT_CACHE,
+        StructType([_f(name, _CACHE_TYPES[sql_type], name != "key") for name, sql_type in CACHE_ROW_SCHEMA]),
+        keys=("key",), bookkeeping=tuple(name for name, _ in CACHE_ROW_SCHEMA if name != "key"),
+    ),
     PROGRAMS: TableSpec(
         PROGRAMS,
         StructType([
@@ -142,6 +171,26 @@ TABLES: dict[str, TableSpec] = {
             *EXEC_STATS_FIELDS, _f("created_at", T),
         ]),
         keys=("doc_id", "origin", "origin_version"), bookkeeping=("run_id", "created_at"),
+    ),
+    SFT_PAIRS: TableSpec(
+        SFT_PAIRS,
+        StructType([
+            _f("doc_id", S, False), _f("chunk_idx", I, False), _f("split", S, False), _f("prompt", S, False),
+            _f("target", S, False), _f("start_line", I, False), _f("end_line", I, False),
+            _f("n_prompt_tokens", I), _f("truncated_lines", ArrayType(I)), _f("n_chunks", I),
+            _f("origin_version", S, False), _f("base_tokenizer", S, False), _f("prompt_version", S),
+            _f("created_at", T),
+        ]),
+        keys=("doc_id", "chunk_idx"), bookkeeping=("created_at",),
+    ),
+    MODEL_OUTPUTS: TableSpec(
+        MODEL_OUTPUTS,
+        StructType([
+            _f("doc_id", S, False), _f("origin_version", S, False), _f("run_id", S), _f("backend", S),
+            _f("constrained", B), _f("n_chunks", I), _f("outputs", ArrayType(S)), _f("parse_errors", I),
+            _f("ops_out_of_chunk", I), _f("invalid_chunks", I), _f("created_at", T),
+        ]),
+        keys=("doc_id", "origin_version"), bookkeeping=("run_id", "created_at"),
     ),
     STAGE_RUNS: TableSpec(
         STAGE_RUNS,
@@ -238,11 +287,14 @@ def merge_into(
     table: str,
     df: DataFrame,
     order_by: Optional[Sequence[Column]] = None,
+    delete_missing: bool = False,
 ) -> dict[str, int]:
     """Idempotent upsert of ``df`` into ``table``; returns Delta's merge metrics.
 
     The source is conformed to the schema and deduplicated on the key (keeping the first
     row by ``order_by``). Matched rows are rewritten only when a content column differs.
+    With ``delete_missing`` the table becomes exactly the source: rows whose key is not in
+    it are deleted (tables rebuilt as a whole, such as ``sft_pairs``).
     """
     from delta.tables import DeltaTable
 
@@ -256,13 +308,19 @@ def merge_into(
     target = DeltaTable.forPath(spark, table_path(workdir, table)).alias("t")
     merge = target.merge(source.alias("s"), on)
     merge = merge.whenMatchedUpdateAll(condition=f"NOT ({unchanged})") if unchanged else merge
-    result = merge.whenNotMatchedInsertAll().execute()
+    merge = merge.whenNotMatchedInsertAll()
+    if delete_missing:
+        merge = merge.whenNotMatchedBySourceDelete()
+    result = merge.execute()
     row = result.first() if result is not None else None
     metrics = row.asDict() if row is not None else {}
-    return {
+    counts = {
         "inserted": int(metrics.get("num_inserted_rows", 0) or 0),
         "updated": int(metrics.get("num_updated_rows", 0) or 0),
     }
+    if delete_missing:
+        counts["deleted"] = int(metrics.get("num_deleted_rows", 0) or 0)
+    return counts
 
 
 def _json(value: Mapping[str, Any]) -> str:

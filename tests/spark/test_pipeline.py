@@ -51,10 +51,17 @@ def test_pipeline_end_to_end(spark: SparkSession, runs: dict[str, Any]) -> None:
         spec = TABLES[name]
         table = read_table(spark, workdir, name)
         assert table.count() == table.select(*spec.keys).distinct().count(), f"duplicate keys in {name}"
-    assert read_table(spark, workdir, "refined_documents").count() == 5
-    assert read_table(spark, workdir, "edit_stats").count() == 5
+    # One row per document and origin: the distilled oracle and the refine model.
+    for table in ("refined_documents", "edit_stats"):
+        counts = {r["origin"]: r["count"] for r in read_table(spark, workdir, table).groupBy("origin").count().collect()}
+        assert counts == {"distilled": 5, "model": 5}
+    assert first["refine"]["origin_version"] == first["train"]["model_uri"].removeprefix("models:/")
+    assert first["stats_model"]["documents"] == 5 and first["refine"]["invalid_chunks"] == 0
     stages = read_table(spark, workdir, "stage_runs").where(F.col("run_id") == first["run_id"])
-    assert sorted(r["stage"] for r in stages.collect()) == ["apply", "distill", "expert", "ingest", "pipeline", "stats"]
+    assert sorted(r["stage"] for r in stages.collect()) == [
+        "apply", "distill", "expert", "ingest", "pipeline", "refine", "sft_pairs", "stats", "train"]
+    model_stages = read_table(spark, workdir, "stage_runs").where(F.col("run_id") == first["run_id"] + "+model")
+    assert sorted(r["stage"] for r in model_stages.collect()) == ["apply", "stats"]
     for row in stages.where(F.col("stage") != "pipeline").collect():
         assert json.loads(row["stats"])["run_id"] == first["run_id"] and row["ended_at"] >= row["started_at"]
     pipeline_row = stages.where(F.col("stage") == "pipeline").first()
@@ -67,6 +74,7 @@ def test_pipeline_end_to_end(spark: SparkSession, runs: dict[str, Any]) -> None:
         assert all(ch in it for ch in refined["refined_text"])
     summary = format_summary(first)
     assert "read 5 = accepted 5 + quarantined 0" in summary and f"{workdir}/delta/<table>" in summary
+    assert "distilled oracle vs refine model" in summary and first["refine"]["origin_version"] in summary
 
 
 def test_rerun_changes_nothing(spark: SparkSession, runs: dict[str, Any]) -> None:
@@ -80,7 +88,9 @@ def test_rerun_changes_nothing(spark: SparkSession, runs: dict[str, Any]) -> Non
         after = read_table(spark, workdir, name)
         assert after.count() == before.count()
         assert_df_equality(_comparable(after), _comparable(before), ignore_row_order=True, ignore_nullable=True)
-    assert read_table(spark, workdir, "stage_runs").select("run_id").distinct().count() == 2
+    assert "train: reused models:/refinex-refiner/1" in cli.output
+    run_ids = {r["run_id"] for r in read_table(spark, workdir, "stage_runs").select("run_id").distinct().collect()}
+    assert len({run_id.removesuffix("+model") for run_id in run_ids}) == 2
 
 
 def test_export_writes_one_line_per_document(spark: SparkSession, runs: dict[str, Any], tmp_path: Path) -> None:
@@ -90,9 +100,9 @@ def test_export_writes_one_line_per_document(spark: SparkSession, runs: dict[str
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(records) == 5 and all(set(r) == {"doc_id", "text", "refined_text", "status"} for r in records)
     assert [r["doc_id"] for r in records] == sorted(r["doc_id"] for r in records)
-    expected = {
+    expected = {  # the default origin is the latest apply's: the refine model's
         r["doc_id"]: (r["status"], r["refined_text"])
-        for r in read_table(spark, runs["workdir"], "refined_documents").collect()
+        for r in read_table(spark, runs["workdir"], "refined_documents").where(F.col("origin") == "model").collect()
     }
     assert {r["doc_id"]: (r["status"], r["refined_text"]) for r in records} == expected
     assert all(r["status"] in ALL_STATUSES and r["text"] for r in records)

@@ -1,0 +1,453 @@
+"""The refine model on the validation documents of the dev pages, through the Spark stages.
+
+All dev pages are ingested into a workdir (reused between runs: every stage is idempotent,
+training is reused when the pairs and settings are the same), refined by the trafilatura
+expert and distilled; ``sft_pairs`` are built with a document-level split
+(``--validation-fraction``), and each model variant (``--variant NAME:key=value,...``,
+configuration overrides) is trained with ``refinex.spark.train.run_train`` and runs the
+``refine`` stage on the validation documents, constrained and unconstrained, followed by
+``apply`` and ``stats``. Scored on the validation documents only (snippet P/R/F1 on the
+trafilatura-eval pages, bag-of-words P/R/F1 on the scrapinghub pages):
+
+    raw text, the expert's output, the distilled programs (the oracle the model imitates),
+    a linear line tagger trained on the training documents' distilled programs, and each
+    refine model (constrained and unconstrained decoding).
+
+Also reported: invalid programs (a chunk output with a line that does not parse or an
+operation outside its chunk, or an operation ``execute`` rejects), mean deletion ratio,
+refine-stage docs/s on this CPU, and, with ``--smollm2-probe-steps``, the measured time of
+a SmolLM2-135M training step on these pairs (an epoch estimate)::
+
+    python benchmarks/refine_model_dev.py --write-benchmarks
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from quality_dev import cpu_model, load_average, write_section  # noqa: E402
+
+from refinex.config import Config, load_config  # noqa: E402
+from refinex.evaluation import load_pages, score_outputs  # noqa: E402
+
+DEFAULT_PAGES = REPO.parent / "shared" / "data" / "webpages-dev.jsonl.gz"
+SECTION = "## Refine model on dev validation documents"
+DEFAULT_VARIANTS = (
+    "tiny-1ep:train.epochs=1",
+    "tiny-3ep:train.epochs=3",
+    "tiny-3ep-c512:train.epochs=3,chunking.max_tokens=512",
+)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:key=value,key=value`` -> ``(NAME, overrides)`` (values parsed as YAML)."""
+    from refinex.config import parse_override
+
+    name, _, rest = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME:key=value,..., got {text!r}")
+    return name, dict(parse_override(item) for item in rest.split(",") if item.strip())
+
+
+def prepare(spark: Any, config: Config, workdir: str, pages: Path) -> dict[str, Any]:
+    """Ingest, expert, distill and the distilled programs' apply/stats (idempotent)."""
+    from refinex.spark.apply import run_apply
+    from refinex.spark.distill import run_distill
+    from refinex.spark.expert import run_expert
+    from refinex.spark.ingest import run_ingest
+    from refinex.spark.stats import run_stats
+    from refinex.spark.tables import read_table
+
+    if read_table(spark, workdir, "documents").count() == 0:
+        run_ingest(spark, config, workdir, str(pages))
+    expert = run_expert(spark, config, workdir)
+    run_distill(spark, config, workdir, expert=expert["expert"])
+    version = f"{expert['expert']}:{expert['expert_version']}"
+    run_apply(spark, config, workdir, origin="distilled", origin_version=version)
+    run_stats(spark, config, workdir, origin="distilled", origin_version=version)
+    return {"expert": expert["expert"], "distilled_version": version}
+
+
+def split_ids(spark: Any, workdir: str, fraction: float) -> tuple[list[str], list[str]]:
+    """``(train ids, validation ids)`` of all documents (the SFT split)."""
+    from refinex.model.sft import VALIDATION, assign_split
+    from refinex.spark.tables import read_table
+
+    ids = sorted(r[0] for r in read_table(spark, workdir, "documents").select("doc_id").collect())
+    validation = [i for i in ids if assign_split(i, fraction) == VALIDATION]
+    return [i for i in ids if assign_split(i, fraction) != VALIDATION], validation
+
+
+def origin_outputs(spark: Any, workdir: str, origin: str, version: str, ids: set[str]) -> dict[str, Any]:
+    """Texts, deletion ratios and invalid-program counts of one origin on ``ids``."""
+    from pyspark.sql import functions as F
+
+    from refinex.spark.tables import read_table
+
+    where = (F.col("origin") == origin) & (F.col("origin_version") == version)
+    refined = {r["doc_id"]: r for r in read_table(spark, workdir, "refined_documents").where(where).collect()
+               if r["doc_id"] in ids}
+    stats = {r["doc_id"]: r for r in read_table(spark, workdir, "edit_stats").where(where).collect()
+             if r["doc_id"] in ids}
+    texts = {doc_id: row["refined_text"] for doc_id, row in refined.items()}
+    ratios = [r["deletion_ratio"] for r in stats.values() if r["deletion_ratio"] is not None]
+    rejected = {doc_id for doc_id, r in stats.items() if (r["ops_rejected"] or 0) > 0 or (r["parse_errors"] or 0) > 0}
+    result: dict[str, Any] = {
+        "texts": texts,
+        "mean_deletion_ratio": statistics.fmean(ratios) if ratios else None,
+        "statuses": dict(sorted(_count(r["status"] for r in refined.values()).items())),
+        "rejected_docs": len(rejected),
+    }
+    if origin == "model":
+        outputs = {r["doc_id"]: r for r in read_table(spark, workdir, "model_outputs")
+                   .where(F.col("origin_version") == version).collect() if r["doc_id"] in ids}
+        bad_output = {d for d, r in outputs.items() if (r["parse_errors"] or 0) > 0 or (r["ops_out_of_chunk"] or 0) > 0}
+        invalid = bad_output | rejected
+        chunks = sum(r["n_chunks"] or 0 for r in outputs.values())
+        result.update(
+            documents=len(outputs),
+            invalid_docs=len(invalid),
+            invalid_rate=len(invalid) / len(outputs) if outputs else None,
+            invalid_chunks=sum(r["invalid_chunks"] or 0 for r in outputs.values()),
+            chunks=chunks,
+            parse_error_docs=sum(1 for r in outputs.values() if (r["parse_errors"] or 0) > 0),
+            out_of_chunk_docs=sum(1 for r in outputs.values() if (r["ops_out_of_chunk"] or 0) > 0),
+        )
+    return result
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def line_tagger_outputs(
+    spark: Any, config: Config, workdir: str, version: str, train_ids: set[str], ids: set[str]
+) -> dict[str, Any]:
+    """The line tagger trained on the training documents' distilled programs, run on ``ids``."""
+    from pyspark.sql import functions as F
+
+    from refinex.model.tagger import LineTagger
+    from refinex.program import Guardrails, execute
+    from refinex.spark.tables import read_table
+
+    programs = dict(
+        read_table(spark, workdir, "programs")
+        .where((F.col("origin") == "distilled") & (F.col("origin_version") == version) & F.col("program").isNotNull())
+        .select("doc_id", "program").collect()
+    )
+    texts = dict(read_table(spark, workdir, "documents").select("doc_id", "text").collect())
+    started = time.process_time()
+    tagger = LineTagger().fit([(texts[i], programs[i]) for i in sorted(train_ids) if i in programs])
+    fit_s = time.process_time() - started
+    guardrails = Guardrails(config.guardrails.max_error_ratio, config.guardrails.min_kept_chars)
+    outputs, ratios = {}, []
+    started = time.process_time()
+    for doc_id in sorted(ids):
+        result = execute(tagger.predict_program(texts[doc_id]), texts[doc_id], guardrails)
+        outputs[doc_id] = result.text
+        ratios.append(result.deletion_ratio)
+    return {"texts": outputs, "mean_deletion_ratio": statistics.fmean(ratios), "fit_cpu_s": fit_s,
+            "predict_cpu_s": time.process_time() - started,
+            "train_docs": sum(1 for i in train_ids if i in programs)}
+
+
+def measured_refine(spark: Any, workdir: str, origin_version: str) -> dict[str, Any]:
+    """The statistics of the latest ``refine`` run of ``origin_version`` that refined documents."""
+    from pyspark.sql import functions as F
+
+    from refinex.spark.tables import read_table
+
+    rows = (read_table(spark, workdir, "stage_runs").where(F.col("stage") == "refine")
+            .orderBy(F.col("ended_at").desc()).select("params", "stats").collect())
+    for row in rows:
+        stats = json.loads(row["stats"])
+        if stats.get("origin_version") == origin_version and stats.get("processed"):
+            return stats
+    raise LookupError(f"no refine run of {origin_version} in {workdir}")
+
+
+def run_variant(
+    spark: Any, config: Config, workdir: str, name: str, overrides: Mapping[str, Any], distilled: str,
+    force_refine: bool,
+) -> dict[str, Any]:
+    """sft_pairs -> train -> refine (validation, constrained and not) -> apply -> stats.
+
+    Without ``force_refine`` documents the model already refined are kept, and the speed
+    reported is that of the run that refined them (``stage_runs``)."""
+    from refinex.spark.apply import run_apply
+    from refinex.spark.refine import run_refine
+    from refinex.spark.sft import run_sft_pairs
+    from refinex.spark.stats import run_stats
+    from refinex.spark.train import run_train
+
+    cfg = config.with_overrides(dict(overrides))
+    sft = run_sft_pairs(spark, cfg, workdir, origin_version=distilled)
+    train = run_train(spark, cfg, workdir)
+    if train["reused"]:
+        train.update(_registered_metrics(cfg, workdir, train["version"]))
+    runs = {}
+    for constrained in (True, False):
+        refined = run_refine(spark, cfg, workdir, train["model_uri"], constrained=constrained, split="validation",
+                             force=force_refine)
+        origin = {"origin": "model", "origin_version": refined["origin_version"]}
+        run_apply(spark, cfg, workdir, **origin)
+        run_stats(spark, cfg, workdir, **origin)
+        runs["constrained" if constrained else "unconstrained"] = (
+            refined if refined["processed"] else measured_refine(spark, workdir, refined["origin_version"]))
+    return {"name": name, "overrides": dict(overrides), "sft": sft, "train": train, "refine": runs}
+
+
+def _registered_metrics(config: Config, workdir: str, version: str) -> dict[str, Any]:
+    """Training metrics of a reused registry version (its tags)."""
+    from mlflow import MlflowClient
+
+    from refinex.spark.train import tracking_uri_for
+
+    uri = tracking_uri_for(config, workdir)
+    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(
+        config.model.registered_name, version).tags
+    out: dict[str, Any] = {}
+    for key in ("steps", "train_seconds", "validation_loss", "final_train_loss", "n_train_pairs", "val_line_f1",
+                "val_char_f1", "val_exact_match"):
+        if key in tags:
+            out[key] = float(tags[key])
+    out["train_pairs"] = int(out.pop("n_train_pairs", 0))
+    return out
+
+
+def _probe_steps(pairs: Sequence[tuple[str, str]], steps: int) -> dict[str, Any]:
+    """In a child process: time SmolLM2-135M training steps (batch 1) on median-length pairs."""
+    import torch
+
+    from refinex.model.bases import load_checkpoint, prepare_base
+    from refinex.model.train import _collate, encode_pair, target_loss_sum
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tokenizer = load_checkpoint(prepare_base("smollm2-135m"))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    examples = [e for e in (encode_pair(tokenizer, p, t, 2048) for p, t in pairs) if e is not None]
+    by_length = sorted(examples, key=lambda e: len(e.input_ids))
+    middle = len(by_length) // 2
+    chosen = by_length[max(0, middle - (steps + 1) // 2) : middle + steps // 2 + 1]
+    seconds = tokens = 0.0
+    for index, example in enumerate(chosen):
+        started = time.perf_counter()
+        loss_sum, n_tokens = target_loss_sum(model, *_collate([example], int(tokenizer.pad_token_id), "cpu"))
+        (loss_sum / n_tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if index:  # the first one warms up
+            seconds += time.perf_counter() - started
+            tokens += len(example.input_ids)
+    total_tokens = sum(len(e.input_ids) for e in examples)
+    tokens_per_s = tokens / seconds
+    return {"tokens_per_s": tokens_per_s, "pairs": len(examples), "measured": len(chosen) - 1,
+            "mean_tokens": total_tokens / len(examples), "epoch_hours": total_tokens / tokens_per_s / 3600}
+
+
+def smollm2_probe(spark: Any, workdir: str, steps: int) -> Optional[dict[str, Any]]:
+    """SmolLM2-135M training speed on this CPU (in a child process: a failure or an
+    out-of-memory kill there only loses the probe), extrapolated to one epoch of the pairs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from refinex.spark.tables import read_table
+
+    rows = read_table(spark, workdir, "sft_pairs").where("split = 'train'").orderBy("doc_id", "chunk_idx")
+    pairs = [(r["prompt"], r["target"]) for r in rows.select("prompt", "target").collect()]
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_probe_steps, pairs, steps).result()
+    except Exception as exc:  # noqa: BLE001 - a missing package or a killed child: report, do not fail
+        print(f"smollm2 probe failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def _row(label: str, scores: Mapping[str, Any], ratio: Optional[float], invalid: str = "-") -> str:
+    s, b = scores["snippet"], scores["bow"]
+    ratio_text = "-" if ratio is None else f"{ratio:.3f}"
+    return (f"| {label} | {s['precision']:.3f} | {s['recall']:.3f} | **{s['f1']:.3f}** | {b['precision']:.3f} "
+            f"| {b['recall']:.3f} | **{b['f1']:.3f}** | {invalid} | {ratio_text} |")
+
+
+def _metric(values: Mapping[str, Any], key: str) -> str:
+    return f"{values[key]:.3f}" if values.get(key) is not None else "-"
+
+
+def render(report: Mapping[str, Any]) -> str:
+    """The BENCHMARKS.md section."""
+    scores, ratios = report["scores"], report["ratios"]
+    lines = [
+        SECTION,
+        "",
+        f"Machine: {report['machine']}. Command: `{report['command']}` ({report['wall_s']:.0f} s wall-clock; "
+        f"load average {report['load']} at the end; the 2 cores were shared with other jobs).",
+        f"Data: `webpages-dev.jsonl.gz`, all {report['documents']} pages ingested, refined by trafilatura and distilled; "
+        f"SFT split by document with validation fraction {report['validation_fraction']}: "
+        f"{report['train_docs']} training documents, **{report['validation_docs']} validation documents scored** "
+        f"({scores['raw']['snippet']['pages']} trafilatura-eval pages for snippet scores, "
+        f"{scores['raw']['bow']['pages']} scrapinghub pages for bag-of-words).",
+        "",
+        "| output (validation documents) | P | R | F1 | bow P | bow R | bow F1 | invalid programs | mean deletion ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+        _row("raw text (all visible text)", scores["raw"], 0.0),
+        _row("expert output (trafilatura, not deletion-only)", scores["expert"], None),
+        _row("distilled oracle (the programs the model learns)", scores["distilled"], ratios["distilled"]),
+        _row(f"line tagger (logistic regression, {report['tagger']['train_docs']} training documents)",
+             scores["tagger"], ratios["tagger"]),
+    ]
+    for variant in report["variants"]:
+        for mode in ("constrained", "unconstrained"):
+            key = f"{variant['name']}/{mode}"
+            model = report["models"][key]
+            invalid = f"{model['invalid_docs']}/{model['documents']} ({100 * (model['invalid_rate'] or 0):.1f}%)"
+            lines.append(_row(f"refine model {variant['name']}, {mode}", scores[key], model["mean_deletion_ratio"],
+                              invalid))
+    lines += [
+        "",
+        "| model | base, settings | train pairs | steps | train s | validation loss (start -> end) "
+        "| val line F1 / char F1 | refine docs/s (constrained / unconstrained) | chunks | invalid chunks (c / u) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant in report["variants"]:
+        train, runs = variant["train"], variant["refine"]
+        start = train.get("initial_validation_loss")
+        loss = f"{start:.3f} -> {train['validation_loss']:.3f}" if start is not None else f"{train['validation_loss']:.3f}"
+        settings = ", ".join(f"{k}={v}" for k, v in variant["overrides"].items()) or "defaults"
+        c, u = runs["constrained"], runs["unconstrained"]
+        lines.append(
+            f"| {variant['name']} ({train['model_uri']}) | {train['base']}, {settings} | {train['train_pairs']} "
+            f"| {int(train['steps'])} | {train['train_seconds']:.0f} | {loss} | {_metric(train, 'val_line_f1')} / "
+            f"{_metric(train, 'val_char_f1')} "
+            f"| {c['docs_per_s']:.2f} / {u['docs_per_s']:.2f} | {c['chunks']} | {c['invalid_chunks']} / {u['invalid_chunks']} |"
+        )
+    probe = report.get("smollm2")
+    lines.append("")
+    if probe:
+        lines.append(
+            f"SmolLM2-135M was not trained here: on this CPU its training runs at {probe['tokens_per_s']:.0f} tokens/s "
+            f"(fp32, batch 1, measured on {probe['measured']} median-length pairs), so one epoch over the "
+            f"{probe['pairs']} training pairs (mean {probe['mean_tokens']:.0f} SmolLM2 tokens) would take about "
+            f"{probe['epoch_hours']:.1f} hours, and batch 8 at these lengths needs more than the 23 GB of this "
+            "machine with eager attention. Train it on a GPU: `refinex train --workdir DIR --base smollm2-135m` "
+            "(or the paper's `qwen3-0.6b-base` with `--config gpu`)."
+        )
+    lines += ["", report["verdict"], ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pages", type=Path, default=DEFAULT_PAGES, help="dev pages (.jsonl.gz)")
+    parser.add_argument("--workdir", default="/tmp/refinex_refine_dev", help="workdir (reused between runs)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2, help="sft.validation_fraction")
+    parser.add_argument("--variant", action="append", type=parse_variant, default=None,
+                        help="NAME:section.key=value,... (repeatable); default: " + " ".join(DEFAULT_VARIANTS))
+    parser.add_argument("--smollm2-probe-steps", type=int, default=4, help="0 = no SmolLM2 step timing")
+    parser.add_argument("--write-benchmarks", action="store_true", help="update BENCHMARKS.md")
+    parser.add_argument("--force-refine", action="store_true",
+                        help="refine the validation documents again (default: reuse the programs of earlier runs)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw report here")
+    args = parser.parse_args(argv)
+
+    from refinex.spark.session import get_spark
+
+    started = time.perf_counter()
+    overrides = ["spark.master=local[2]", "spark.ui_enabled=false", "spark.console_progress=false",
+                 "spark.log_level=ERROR", f"sft.validation_fraction={args.validation_fraction}"]
+    config = load_config("default", overrides)
+    workdir = str(Path(args.workdir).resolve())
+    spark = get_spark(config, workdir)
+    prepared = prepare(spark, config, workdir, args.pages)
+    train_ids, validation_ids = split_ids(spark, workdir, args.validation_fraction)
+    ids = set(validation_ids)
+    pages = [p for p in load_pages(args.pages) if p["id"] in ids]
+
+    from refinex.spark.tables import read_table
+
+    raw = {r["doc_id"]: r["text"] for r in read_table(spark, workdir, "documents").select("doc_id", "text").collect()
+           if r["doc_id"] in ids}
+    expert = {r["doc_id"]: r["refined_text"] for r in read_table(spark, workdir, "expert_refinements")
+              .where(f"expert = '{prepared['expert']}'").select("doc_id", "refined_text").collect() if r["doc_id"] in ids}
+    distilled = origin_outputs(spark, workdir, "distilled", prepared["distilled_version"], ids)
+    tagger = line_tagger_outputs(spark, config, workdir, prepared["distilled_version"], set(train_ids), ids)
+    scores = {
+        "raw": score_outputs(pages, raw),
+        "expert": score_outputs(pages, expert),
+        "distilled": score_outputs(pages, distilled["texts"]),
+        "tagger": score_outputs(pages, tagger["texts"]),
+    }
+    ratios = {"distilled": distilled["mean_deletion_ratio"], "tagger": tagger["mean_deletion_ratio"]}
+    variants, models = [], {}
+    for name, variant_overrides in args.variant or [parse_variant(v) for v in DEFAULT_VARIANTS]:
+        result = run_variant(spark, config, workdir, name, variant_overrides, prepared["distilled_version"],
+                             args.force_refine)
+        variants.append(result)
+        for mode, refined in result["refine"].items():
+            key = f"{name}/{mode}"
+            models[key] = origin_outputs(spark, workdir, "model", refined["origin_version"], ids)
+            scores[key] = score_outputs(pages, models[key]["texts"])
+        print(json.dumps({k: v for k, v in result.items() if k != "sft"}, indent=1, default=str), flush=True)
+    probe = smollm2_probe(spark, workdir, args.smollm2_probe_steps) if args.smollm2_probe_steps > 0 else None
+
+    tagger_f1 = scores["tagger"]["snippet"]["f1"]
+    best = max(variants, key=lambda v: scores[f"{v['name']}/constrained"]["snippet"]["f1"])
+    best_key = f"{best['name']}/constrained"
+    beats = (scores[best_key]["snippet"]["f1"] > tagger_f1
+             and scores[best_key]["bow"]["f1"] > scores["tagger"]["bow"]["f1"])
+    verdict = (
+        f"Verdict: the best CPU-trained refine model ({best['name']}, constrained) "
+        + ("beats" if beats else "does **not** beat")
+        + f" the line tagger (snippet F1 {scores[best_key]['snippet']['f1']:.3f} vs {tagger_f1:.3f}, bag-of-words F1 "
+        f"{scores[best_key]['bow']['f1']:.3f} vs {scores['tagger']['bow']['f1']:.3f})."
+    )
+    report = {
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
+                   f"{__import__('torch').__version__}",
+        "command": "python benchmarks/refine_model_dev.py --write-benchmarks",
+        "wall_s": time.perf_counter() - started,
+        "load": load_average(),
+        "documents": len(train_ids) + len(validation_ids),
+        "validation_fraction": args.validation_fraction,
+        "train_docs": len(train_ids),
+        "validation_docs": len(validation_ids),
+        "scores": scores,
+        "ratios": ratios,
+        "tagger": {k: v for k, v in tagger.items() if k != "texts"},
+        "variants": variants,
+        "models": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in models.items()},
+        "smollm2": probe,
+        "verdict": verdict,
+    }
+    section = render(report)
+    print(section)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    if args.write_benchmarks:
+        write_section(REPO / "BENCHMARKS.md", section, SECTION)
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Stage ``train``: ``sft_pairs`` -> a fine-tuned refine model in the MLflow registry.
+
+The pairs are read from Delta (train and validation splits) and the model is trained on the
+driver (``refinex.model.train.train``: one process, CUDA when present, the loss on the
+program tokens only). The base is ``model.base`` (or the ``base`` argument): a profile in
+``conf/model/`` or a checkpoint path, prepared exactly as the ``sft_pairs`` stage prepared
+it; training settings are the base's defaults overridden by the ``train`` section.
+
+The run is logged to MLflow (``refinex.tracking.log_training_run``: params, loss curve,
+validation loss, the model) with the training data version ``sft_pairs@<Delta version>``,
+plus program-level validation metrics from generation on ``model.eval_chunks`` validation
+chunks, and registered as ``model.registered_name`` (``refinex-refiner``). The first version
+ever registered also gets the ``@champion`` alias; later versions are promoted explicitly
+(:func:`promote`, ``refinex promote --version N``).
+
+Training is skipped when a registered version was trained on the same pairs, base and
+settings (its ``train_fingerprint`` tag), so rerunning the pipeline reuses the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from refinex.config import Config
+from refinex.spark.tables import DOCUMENTS, SFT_PAIRS, new_run_id, read_table, record_stage_run, table_version
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+FINGERPRINT_TAG = "train_fingerprint"
+# Settings that do not change the trained weights (left out of the fingerprint).
+_NON_MODEL_SETTINGS = ("progress", "plot", "train_data_version", "eval_every", "eval_batch_size", "device")
+_PAIR_COLUMNS = (
+    "doc_id", "chunk_idx", "split", "prompt", "target", "start_line", "end_line", "n_prompt_tokens",
+    "truncated_lines", "origin_version", "base_tokenizer",
+)
+
+
+class NoTrainingDataError(LookupError):
+    """``sft_pairs`` is empty (or has no training split)."""
+
+
+def tracking_uri_for(config: Config, workdir: str) -> str:
+    """``model.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<workdir>/mlflow.db``."""
+    from refinex.tracking import resolve_tracking_uri
+
+    if config.model.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return resolve_tracking_uri(config.model.tracking_uri)
+    local = _local_workdir(workdir)
+    if local is None:
+        raise ValueError(
+            f"workdir {workdir} is not local: set model.tracking_uri (or $MLFLOW_TRACKING_URI) for MLflow"
+        )
+    return resolve_tracking_uri(None, local)
+
+
+def _local_workdir(workdir: str) -> Optional[str]:
+    from refinex.spark.session import is_local_path, local_path
+
+    return str(local_path(workdir)) if is_local_path(workdir) else None
+
+
+def models_dir(workdir: str) -> Path:
+    """Where checkpoints are trained and downloaded: ``<workdir>/models`` (a temp folder
+    for remote workdirs)."""
+    local = _local_workdir(workdir)
+    return Path(local) / "models" if local is not None else Path(tempfile.gettempdir()) / "refinex-models"
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def fingerprint(rows: Sequence[Any], base_identity: str, settings: dict[str, Any]) -> str:
+    """sha256 of the pairs' content, the base and the weight-relevant training settings."""
+    digest = hashlib.sha256()
+    kept = {k: v for k, v in sorted(settings.items()) if k not in _NON_MODEL_SETTINGS}
+    digest.update(json.dumps({"base": base_identity, "settings": kept}, sort_keys=True, default=str).encode())
+    for row in rows:
+        for column in ("doc_id", "chunk_idx", "split", "prompt", "target"):
+            digest.update(str(row[column]).encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def find_version(uri: str, name: str, fingerprint_value: str) -> Optional[str]:
+    """The newest registered version of ``name`` tagged with ``fingerprint_value``."""
+    import mlflow
+
+    try:
+        versions = _client(uri).search_model_versions(f"name='{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    matching = [int(v.version) for v in versions if v.tags.get(FINGERPRINT_TAG) == fingerprint_value]
+    return str(max(matching)) if matching else None
+
+
+def promote(config: Config, workdir: str, version: str | int, alias: Optional[str] = None) -> dict[str, Any]:
+    """Point ``models:/<registered name>@<alias>`` (default ``champion``) at ``version``."""
+    import mlflow
+
+    uri = tracking_uri_for(config, workdir)
+    name, chosen = config.model.registered_name, alias or config.model.champion_alias
+    client = _client(uri)
+    try:
+        client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"no version {version} of {name} in {uri}: {str(exc).splitlines()[0]}") from None
+    previous = None
+    try:
+        previous = str(client.get_model_version_by_alias(name, chosen).version)
+    except mlflow.exceptions.MlflowException:
+        pass
+    client.set_registered_model_alias(name, chosen, str(version))
+    return {"model": name, "alias": chosen, "version": str(version), "previous": previous,
+            "model_uri": f"models:/{name}@{chosen}", "tracking_uri": uri}
+
+
+def _eval_examples(spark: SparkSession, workdir: str, rows: Sequence[Any], limit: int) -> list[Any]:
+    """Generation examples of the first ``limit`` validation pairs (by doc id, chunk)."""
+    from refinex.model.backends import GenerationRequest
+    from refinex.model.evaluate import ChunkExample
+
+    chosen = [r for r in rows if r["split"] == "validation"][:limit]
+    if not chosen:
+        return []
+    ids = sorted({r["doc_id"] for r in chosen})
+    wanted = spark.createDataFrame([(i,) for i in ids], "doc_id string")
+    texts = dict(
+        read_table(spark, workdir, DOCUMENTS).join(F.broadcast(wanted), "doc_id").select("doc_id", "text").collect()
+    )
+    examples = []
+    for row in chosen:
+        text = texts.get(row["doc_id"])
+        if text is None:
+            continue
+        lines = tuple(text.split("\n")[row["start_line"] : row["end_line"] + 1])
+        request = GenerationRequest(row["prompt"], row["start_line"], row["end_line"], lines)
+        examples.append(ChunkExample(request, row["target"]))
+    return examples
+
+
+def _validation_metrics(config: Config, checkpoint: Path, examples: Sequence[Any]) -> dict[str, float]:
+    from refinex.model.backends import load_backend
+    from refinex.model.evaluate import program_metrics
+
+    if not examples:
+        return {}
+    rc = config.refine
+    backend = load_backend(
+        "transformers", str(checkpoint), constrained=rc.constrained, max_new_tokens=rc.max_new_tokens,
+        batch_size=rc.batch_size,
+    )
+    try:
+        return program_metrics(backend, examples).as_dict()
+    finally:
+        backend.close()
+
+
+def run_train(
+    spark: SparkSession,
+    config: Config,
+    workdir: str,
+    base: Optional[str] = None,
+    force: bool = False,
+    run_id: Optional[str] = None,
+) -> dict[str, Any]:
+    """Train, log and register a refine model from ``sft_pairs``; returns statistics with
+    ``model_uri`` = ``models:/<name>/<version>``."""
+    from refinex.model.bases import read_base_info
+    from refinex.model.train import TrainConfig, train
+    from refinex.spark.sft import prepare_sft_base, tokenizer_id
+    from refinex.tracking import get_alias_version, log_training_run, set_alias
+
+    started = datetime.now(timezone.utc)
+    run_id = run_id or new_run_id()
+    data_version = table_version(spark, workdir, SFT_PAIRS)
+    rows = read_table(spark, workdir, SFT_PAIRS).select(*_PAIR_COLUMNS).orderBy("doc_id", "chunk_idx").collect()
+    if not any(r["split"] == "train" for r in rows):
+        raise NoTrainingDataError(f"no training pairs in {workdir}: run the sft_pairs stage first")
+    sft_version = rows[0]["origin_version"]
+    pairs_tokenizer = rows[0]["base_tokenizer"]
+    base_name = base or config.model.base
+    checkpoint = prepare_sft_base(spark, config, workdir, base_name, sft_version)
+    base_tokenizer = tokenizer_id(checkpoint)
+    if base_tokenizer != pairs_tokenizer:
+        log.warning(
+            "sft_pairs were cut with tokenizer %s but the base %s has %s: chunk budgets differ from what "
+            "`refine` will use; rebuild them with `refinex sft-pairs --base %s`",
+            pairs_tokenizer, base_name, base_tokenizer, base_name,
+        )
+    name = config.model.registered_name
+    data_version_text = f"{SFT_PAIRS}@{data_version}"
+    settings = TrainConfig.for_base(base_name, config.train).to_dict()
+    base_identity = json.dumps({"dir": checkpoint.name, "info": read_base_info(checkpoint), "tok": base_tokenizer},
+                               sort_keys=True)
+    fp = fingerprint(rows, base_identity, settings)
+    uri = tracking_uri_for(config, workdir)
+    reused = None if force else find_version(uri, name, fp)
+    stats: dict[str, Any] = {
+        "run_id": run_id, "base": base_name, "base_tokenizer": base_tokenizer, "sft_origin_version": sft_version,
+        "train_data_version": data_version_text, "tracking_uri": uri, "registered_name": name,
+        "train_fingerprint": fp, "reused": reused is not None,
+    }
+    if reused is not None:
+        log.info("train: version %s of %s was trained on the same pairs and settings; reusing it", reused, name)
+        stats.update(version=reused, model_uri=f"models:/{name}/{reused}", mlflow_run_id=None)
+    else:
+        run_dir = models_dir(workdir) / "train" / run_id
+        out_dir = run_dir / "checkpoint"  # also the artifact's folder name in MLflow
+        train_config = TrainConfig.from_dict({**settings, "train_data_version": data_version_text})
+        try:
+            result = train([r.asDict() for r in rows], str(checkpoint), out_dir, train_config)
+            examples = _eval_examples(spark, workdir, rows, config.model.eval_chunks)
+            val_metrics = _validation_metrics(config, out_dir, examples)
+            logged = log_training_run(
+                result,
+                params={"base_name": base_name, "base_tokenizer": base_tokenizer, "sft_origin_version": sft_version,
+                        FINGERPRINT_TAG: fp, "workdir": workdir, "max_tokens": config.chunking.max_tokens},
+                data_version=data_version_text,
+                tracking_uri=uri,
+                workdir=_local_workdir(workdir),
+                experiment=config.model.experiment,
+                model_name=name,
+                tags={"refinex.train_fingerprint": fp, "refinex.base_name": base_name},
+            )
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        client = _client(uri)
+        for key, value in val_metrics.items():
+            client.log_metric(logged.run_id, key, value, step=result.steps)
+        assert logged.version is not None
+        extra_tags = {FINGERPRINT_TAG: fp, "base_name": base_name, "sft_origin_version": sft_version,
+                      **{k: f"{v:.6g}" for k, v in val_metrics.items()}}
+        for key, value in extra_tags.items():
+            client.set_model_version_tag(name, logged.version, key, value)
+        stats.update(
+            version=logged.version, model_uri=f"models:/{name}/{logged.version}", mlflow_run_id=logged.run_id,
+            steps=result.steps, train_pairs=result.n_train_pairs, validation_pairs=result.n_validation_pairs,
+            skipped_pairs=result.n_skipped, final_train_loss=result.final_train_loss,
+            initial_validation_loss=result.eval_losses[0][1] if result.eval_losses else None,
+            validation_loss=result.validation_loss, train_seconds=round(result.seconds, 1),
+            device=result.device, **val_metrics,
+        )
+    alias = config.model.champion_alias
+    champion = get_alias_version(name, alias, tracking_uri=uri)
+    if champion is None:
+        set_alias(name, alias, stats["version"], tracking_uri=uri)
+        champion = stats["version"]
+    stats["champion_version"] = champion
+    log.info("train: %s (champion: version %s)", stats["model_uri"], champion)
+    params = {"base": base_name, "force": force, "train": settings, "tracking_uri": uri}
+    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
+    return stats
