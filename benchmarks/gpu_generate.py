@@ -41,7 +41,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+for _path in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parent):  # refinex, report
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 

@@ -32,8 +32,9 @@ from typing import Any, Mapping, Optional, Sequence
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):  # refinex, report
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from refinex.distill import Distillation, distill_report  # noqa: E402
 from refinex.evaluation import load_pages, normalize_ws, score_outputs  # noqa: E402
