@@ -68,3 +68,29 @@ def sample_pages(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 break
             dst.write(line)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_tracking() -> Iterator[None]:
+    """Undo any process-wide MLflow tracking URI a test sets.
+
+    ``mlflow.set_tracking_uri`` mirrors itself into ``$MLFLOW_TRACKING_URI``, which refinex
+    honours as the user's choice; a test that leaves it behind would send later tests' runs
+    to its temporary store.
+    """
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    if any(os.environ.get(name) != value for name, value in saved.items()):
+        import mlflow
+
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        if saved["MLFLOW_TRACKING_URI"] is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+        if saved["MLFLOW_REGISTRY_URI"] is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
