@@ -67,6 +67,7 @@ from refinex.spark.tables import (
     read_table,
     record_stage_run,
     table_version,
+    utf8_encodable,
 )
 
 if TYPE_CHECKING:
@@ -125,14 +126,6 @@ _MAX_ERROR_CHARS = 2000
 _SELF = -1  # the position of an LLM expert that is the stage's expert itself (not a member)
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")  # dbfs:/, gs://, s3a://, abfss://
 _ENDPOINT_FLAGS = "--expert-base-url, --expert-model and --expert-max-concurrency"
-
-
-def _utf8_encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _clean(value: str) -> str:
@@ -423,7 +416,7 @@ def _refine_items(task: _Task, items: list[tuple["ExpertInput", list[Optional[st
         fresh = []
         for m, key in enumerate(keys):
             answer = new[m].get(key)
-            if answer is not None and (m, key) not in attached and _utf8_encodable(answer.refined_text):
+            if answer is not None and (m, key) not in attached and utf8_encodable(answer.refined_text):
                 attached.add((m, key))
                 fresh.append({c: v for c, v in answer.to_row().items() if c != "created_at"})
         row: dict[str, Any] = {"doc_id": doc.doc_id, "new_cache": json.dumps(fresh, ensure_ascii=False) if fresh else None}
@@ -448,7 +441,7 @@ def _refine_items(task: _Task, items: list[tuple["ExpertInput", list[Optional[st
         error = out.error
         if status == FAILED and not error:
             error = "the expert returned no text"
-        if status == OK and not _utf8_encodable(out.refined_text):
+        if status == OK and not utf8_encodable(out.refined_text):
             status, error = FAILED, "the expert returned text with unpaired surrogates"
         rows.append({
             **row,

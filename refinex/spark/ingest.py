@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
 from refinex.config import Config
-from refinex.spark.tables import DOCUMENTS, QUARANTINE, merge_into, new_run_id, record_stage_run
+from refinex.spark.tables import DOCUMENTS, QUARANTINE, merge_into, new_run_id, record_stage_run, utf8_encodable
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +105,12 @@ def shard_of(doc_id: str, n_shards: int) -> int:
     return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") % n_shards
 
 
-def _utf8_encodable(value: str) -> bool:
-    """False for strings with lone surrogates (JSON ``\\udXXX`` escapes), which UTF-8 cannot hold."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _metadata_json(metadata: dict[str, Any]) -> str:
     """The extra fields as JSON (ASCII-escaped only if they hold lone surrogates)."""
     import json
 
     text = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
-    return text if _utf8_encodable(text) else json.dumps(metadata, ensure_ascii=True, sort_keys=True)
+    return text if utf8_encodable(text) else json.dumps(metadata, ensure_ascii=True, sort_keys=True)
 
 
 def parse_record(
@@ -171,7 +162,7 @@ def parse_record(
             return reject(BAD_FIELD_TYPE, f"{name} must be a string, got {type(value).__name__}", given_id)
     for name in ("id", "text", "html", "url", "source"):
         value = obj.get(name)
-        if isinstance(value, str) and not _utf8_encodable(value):
+        if isinstance(value, str) and not utf8_encodable(value):
             return reject(INVALID_UTF8, f"{name} contains an unpaired surrogate escape (\\ud800-\\udfff)")
     text: Optional[str] = obj.get("text")
     html: Optional[str] = obj.get("html")

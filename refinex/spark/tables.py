@@ -203,6 +203,16 @@ TABLES: dict[str, TableSpec] = {
 }
 
 
+def utf8_encodable(value: str) -> bool:
+    """False for strings with lone surrogates (JSON ``\\udXXX`` escapes): UTF-8, Arrow and
+    Delta cannot hold them, so rows carrying them are quarantined or cleaned first."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def table_path(workdir: str, table: str) -> str:
     """``<workdir>/delta/<table>``."""
     if table not in TABLES:
