@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from quality_dev import cpu_model, load_average, write_section  # noqa: E402
+from report import cpu_model, load_average, write_section  # noqa: E402
 
 from refinex.config import Config, load_config  # noqa: E402
 from refinex.evaluation import load_pages, score_outputs  # noqa: E402
@@ -249,32 +249,40 @@ def _probe_steps(pairs: Sequence[tuple[str, str]], steps: int) -> dict[str, Any]
     by_length = sorted(examples, key=lambda e: len(e.input_ids))
     middle = len(by_length) // 2
     chosen = by_length[max(0, middle - (steps + 1) // 2) : middle + steps // 2 + 1]
-    seconds = tokens = 0.0
+    seconds = cpu_seconds = tokens = 0.0
     for index, example in enumerate(chosen):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss_sum, n_tokens = target_loss_sum(model, *_collate([example], int(tokenizer.pad_token_id), "cpu"))
         (loss_sum / n_tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if index:  # the first one warms up
             seconds += time.perf_counter() - started
+            cpu_seconds += time.process_time() - cpu_started
             tokens += len(example.input_ids)
     total_tokens = sum(len(e.input_ids) for e in examples)
-    tokens_per_s = tokens / seconds
-    return {"tokens_per_s": tokens_per_s, "pairs": len(examples), "measured": len(chosen) - 1,
-            "mean_tokens": total_tokens / len(examples), "epoch_hours": total_tokens / tokens_per_s / 3600}
+    cores = os.cpu_count() or 1
+    # CPU time holds on a shared machine; the estimate assumes every core is free.
+    tokens_per_s = tokens / cpu_seconds * cores
+    return {"tokens_per_s": tokens_per_s, "wall_tokens_per_s": tokens / seconds, "pairs": len(examples),
+            "measured": len(chosen) - 1, "mean_tokens": total_tokens / len(examples), "cores": cores,
+            "epoch_hours": total_tokens / tokens_per_s / 3600}
 
 
-def smollm2_probe(spark: Any, workdir: str, steps: int) -> Optional[dict[str, Any]]:
-    """SmolLM2-135M training speed on this CPU (in a child process: a failure or an
-    out-of-memory kill there only loses the probe), extrapolated to one epoch of the pairs."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
+def train_pairs(spark: Any, workdir: str) -> list[tuple[str, str]]:
+    """``(prompt, target)`` of the training split of ``sft_pairs`` as it is now."""
     from refinex.spark.tables import read_table
 
     rows = read_table(spark, workdir, "sft_pairs").where("split = 'train'").orderBy("doc_id", "chunk_idx")
-    pairs = [(r["prompt"], r["target"]) for r in rows.select("prompt", "target").collect()]
+    return [(r["prompt"], r["target"]) for r in rows.select("prompt", "target").collect()]
+
+
+def smollm2_probe(pairs: Sequence[tuple[str, str]], steps: int) -> Optional[dict[str, Any]]:
+    """SmolLM2-135M training speed on this CPU (in a child process: a failure or an
+    out-of-memory kill there only loses the probe), extrapolated to one epoch of ``pairs``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(_probe_steps, pairs, steps).result()
@@ -345,12 +353,14 @@ def render(report: Mapping[str, Any]) -> str:
     lines.append("")
     if probe:
         lines.append(
-            f"SmolLM2-135M was not trained here: on this CPU its training runs at {probe['tokens_per_s']:.0f} tokens/s "
-            f"(fp32, batch 1, measured on {probe['measured']} median-length pairs), so one epoch over the "
-            f"{probe['pairs']} training pairs (mean {probe['mean_tokens']:.0f} SmolLM2 tokens) would take about "
-            f"{probe['epoch_hours']:.1f} hours, and batch 8 at these lengths needs more than the 23 GB of this "
-            "machine with eager attention. Train it on a GPU: `refinex train --workdir DIR --base smollm2-135m` "
-            "(or the paper's `qwen3-0.6b-base` with `--config gpu`)."
+            f"SmolLM2-135M was not trained here: its fp32 training (batch 1, {probe['measured']} median-length pairs "
+            f"of the default 1500-token chunks) processes {probe['tokens_per_s']:.0f} tokens/s with all "
+            f"{probe['cores']} cores free (from its CPU time; {probe['wall_tokens_per_s']:.0f} tokens/s wall-clock in "
+            f"this shared run), so one epoch over the {probe['pairs']} training pairs (mean "
+            f"{probe['mean_tokens']:.0f} SmolLM2 tokens) takes about **{probe['epoch_hours']:.1f} hours** on this "
+            "CPU; batch 8 at these lengths also needed more than the machine's 23 GB (eager attention; the process "
+            "was killed). Train it on a GPU: `refinex train --workdir DIR --base smollm2-135m` (or the paper's "
+            "`qwen3-0.6b-base` with `--config gpu`)."
         )
     lines += ["", report["verdict"], ""]
     return "\n".join(lines)
@@ -399,6 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     ratios = {"distilled": distilled["mean_deletion_ratio"], "tagger": tagger["mean_deletion_ratio"]}
     variants, models = [], {}
+    probe_pairs: Optional[list[tuple[str, str]]] = None
     for name, variant_overrides in args.variant or [parse_variant(v) for v in DEFAULT_VARIANTS]:
         result = run_variant(spark, config, workdir, name, variant_overrides, prepared["distilled_version"],
                              args.force_refine)
@@ -408,7 +419,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             models[key] = origin_outputs(spark, workdir, "model", refined["origin_version"], ids)
             scores[key] = score_outputs(pages, models[key]["texts"])
         print(json.dumps({k: v for k, v in result.items() if k != "sft"}, indent=1, default=str), flush=True)
-    probe = smollm2_probe(spark, workdir, args.smollm2_probe_steps) if args.smollm2_probe_steps > 0 else None
+        if probe_pairs is None and "chunking.max_tokens" not in variant_overrides:
+            probe_pairs = train_pairs(spark, workdir)  # the default chunking's pairs
+    probe = None
+    if args.smollm2_probe_steps > 0:
+        probe = smollm2_probe(probe_pairs or train_pairs(spark, workdir), args.smollm2_probe_steps)
 
     tagger_f1 = scores["tagger"]["snippet"]["f1"]
     best = max(variants, key=lambda v: scores[f"{v['name']}/constrained"]["snippet"]["f1"])
