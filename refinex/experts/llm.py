@@ -25,7 +25,6 @@ concurrent tasks. Aggregate the written outputs with ``aggregate_outputs``.
 """
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import logging
 import os
@@ -35,7 +34,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +42,7 @@ import httpx
 
 from refinex.experts.base import FAILED, OK, ExpertInput, ExpertOutput
 from refinex.experts.cache import CachedResponse, ResponseCache, cache_key, doc_hash
+from refinex.httputil import retry_after_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -328,24 +327,6 @@ def _strip_fence(answer: str, source: str) -> str:
     return inner.strip("\n")
 
 
-def _retry_after_seconds(value: Optional[str]) -> Optional[float]:
-    """Parse a ``Retry-After`` header: delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
 def _on_databricks() -> bool:
     return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
@@ -598,7 +579,7 @@ class LLMExpert:
         if status != 200:
             body = self._redact(response.text[:300].replace("\n", " "))
             retryable = status in RETRYABLE_STATUS or status >= 500
-            retry_after = _retry_after_seconds(response.headers.get("Retry-After")) if retryable else None
+            retry_after = retry_after_seconds(response.headers.get("Retry-After")) if retryable else None
             raise _RequestError(f"HTTP {status}: {body}", retryable, retry_after)
         try:
             payload = response.json()

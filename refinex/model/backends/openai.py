@@ -16,9 +16,9 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from email.utils import parsedate_to_datetime
 from typing import Any, Optional, Sequence
 
+from refinex.httputil import retry_after_seconds
 from refinex.model.backends.base import (
     BackendError,
     DecodeConfig,
@@ -30,21 +30,6 @@ __all__ = ["OpenAIBackend", "GUIDED_MODES"]
 
 GUIDED_MODES = ("structured_outputs", "guided_regex", "none")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-def _retry_after(value: Optional[str]) -> Optional[float]:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
 
 
 class OpenAIBackend:
@@ -209,7 +194,7 @@ class OpenAIBackend:
                 last_error = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code not in RETRYABLE_STATUS:
                     raise BackendError(f"{method} {url} failed: {last_error}")
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, retry_after))
         raise BackendError(
