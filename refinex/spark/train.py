@@ -168,6 +168,14 @@ def _validation_metrics(config: Config, checkpoint: Path, examples: Sequence[Any
         backend.close()
 
 
+def evaluate_checkpoint(spark: SparkSession, config: Config, workdir: str, checkpoint: Path) -> dict[str, float]:
+    """The ``val_*`` program metrics of a checkpoint on the first ``model.eval_chunks``
+    validation pairs of ``sft_pairs`` (as logged by :func:`run_train`)."""
+    rows = read_table(spark, workdir, SFT_PAIRS).where(F.col("split") == "validation").select(*_PAIR_COLUMNS)
+    ordered = rows.orderBy("doc_id", "chunk_idx").limit(config.model.eval_chunks).collect()
+    return _validation_metrics(config, checkpoint, _eval_examples(spark, workdir, ordered, config.model.eval_chunks))
+
+
 def run_train(
     spark: SparkSession,
     config: Config,
