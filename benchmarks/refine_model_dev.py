@@ -52,17 +52,27 @@ DEFAULT_VARIANTS = (
     "tiny-1ep:train.epochs=1",
     "tiny-3ep:train.epochs=3",
     "tiny-3ep-c512:train.epochs=3,chunking.max_tokens=512",
+    "smollm2-l12-2ep:model.base=smollm2-135m-l12,chunking.max_tokens=512,train.epochs=2,train.eval_max_pairs=256,"
+    "refine.options.dtype=bfloat16,refine.batch_size=32,modes=constrained",
 )
+MODES = ("constrained", "unconstrained")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:key=value,key=value`` -> ``(NAME, overrides)`` (values parsed as YAML)."""
+    """``NAME:key=value,key=value`` -> ``(NAME, overrides)`` (values parsed as YAML).
+
+    ``modes=constrained`` (or ``unconstrained``) among them limits the decoding modes the
+    variant is refined with (default: both)."""
     from refinex.config import parse_override
 
     name, _, rest = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"expected NAME:key=value,..., got {text!r}")
-    return name, dict(parse_override(item) for item in rest.split(",") if item.strip())
+    overrides = dict(parse_override(item) for item in rest.split(",") if item.strip())
+    modes = overrides.get("modes", "+".join(MODES))
+    if any(m not in MODES for m in str(modes).split("+")):
+        raise argparse.ArgumentTypeError(f"modes must be {' or '.join(MODES)} (joined by '+'), got {modes!r}")
+    return name, overrides
 
 
 def prepare(spark: Any, config: Config, workdir: str, pages: Path) -> dict[str, Any]:
@@ -199,7 +209,9 @@ def run_variant(
     from refinex.spark.stats import run_stats
     from refinex.spark.train import run_train
 
-    cfg = config.with_overrides(dict(overrides))
+    overrides = dict(overrides)
+    modes = str(overrides.pop("modes", "+".join(MODES))).split("+")
+    cfg = config.with_overrides(overrides)
     sft = run_sft_pairs(spark, cfg, workdir, origin_version=distilled)
     train = run_train(spark, cfg, workdir)
     if train["reused"]:
@@ -211,7 +223,7 @@ def run_variant(
         checkpoint = resolve_model(cfg, workdir, train["model_uri"]).checkpoint
         train.update(evaluate_checkpoint(spark, cfg, workdir, checkpoint))
     runs = {}
-    for constrained in (True, False):
+    for constrained in (mode == "constrained" for mode in modes):
         refined = run_refine(spark, cfg, workdir, train["model_uri"], constrained=constrained, split="validation",
                              force=force_refine)
         origin = {"origin": "model", "origin_version": refined["origin_version"]}
@@ -304,8 +316,8 @@ def _row(label: str, scores: Mapping[str, Any], ratio: Optional[float], invalid:
             f"| {b['recall']:.3f} | **{b['f1']:.3f}** | {invalid} | {ratio_text} |")
 
 
-def _metric(values: Mapping[str, Any], key: str) -> str:
-    return f"{values[key]:.3f}" if values.get(key) is not None else "-"
+def _metric(values: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    return f"{values[key]:.{digits}f}" if values.get(key) is not None else "-"
 
 
 def render(report: Mapping[str, Any]) -> str:
@@ -331,7 +343,7 @@ def render(report: Mapping[str, Any]) -> str:
              scores["tagger"], ratios["tagger"]),
     ]
     for variant in report["variants"]:
-        for mode in ("constrained", "unconstrained"):
+        for mode in variant["refine"]:
             key = f"{variant['name']}/{mode}"
             model = report["models"][key]
             invalid = f"{model['invalid_docs']}/{model['documents']} ({100 * (model['invalid_rate'] or 0):.1f}%)"
@@ -348,12 +360,13 @@ def render(report: Mapping[str, Any]) -> str:
         start = train.get("initial_validation_loss")
         loss = f"{start:.3f} -> {train['validation_loss']:.3f}" if start is not None else f"{train['validation_loss']:.3f}"
         settings = ", ".join(f"{k}={v}" for k, v in variant["overrides"].items()) or "defaults"
-        c, u = runs["constrained"], runs["unconstrained"]
+        c, u = runs.get("constrained", {}), runs.get("unconstrained", {})
         lines.append(
             f"| {variant['name']} ({train['model_uri']}) | {train['base']}, {settings} | {train['train_pairs']} "
             f"| {int(train['steps'])} | {train['train_seconds']:.0f} | {loss} | {_metric(train, 'val_line_f1')} / "
             f"{_metric(train, 'val_char_f1')} "
-            f"| {c['docs_per_s']:.2f} / {u['docs_per_s']:.2f} | {c['chunks']} | {c['invalid_chunks']} / {u['invalid_chunks']} |"
+            f"| {_metric(c, 'docs_per_s', 2)} / {_metric(u, 'docs_per_s', 2)} | {c.get('chunks', u.get('chunks'))} "
+            f"| {c.get('invalid_chunks', '-')} / {u.get('invalid_chunks', '-')} |"
         )
     probe = report.get("smollm2")
     lines.append("")
@@ -368,10 +381,11 @@ def render(report: Mapping[str, Any]) -> str:
             "was killed). Train it on a GPU: `refinex train --workdir DIR --base smollm2-135m` (or the paper's "
             "`qwen3-0.6b-base` with `--config gpu`)."
         )
+    unconstrained = [v for v in report["variants"] if "unconstrained" in v["refine"]]
     rates = [v["refine"]["unconstrained"]["invalid_chunks"] / max(1, v["refine"]["unconstrained"]["chunks"])
-             for v in report["variants"]]
+             for v in unconstrained] or [0.0]
     fallback = [report["models"][f"{v['name']}/unconstrained"]["statuses"].get("fallback_raw", 0)
-                for v in report["variants"]]
+                for v in unconstrained] or [0]
     lines += [
         "",
         f"Reading it plainly: grammar-constrained decoding does what it promises (0 invalid chunks, against "
@@ -451,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             models[key] = origin_outputs(spark, workdir, "model", refined["origin_version"], ids)
             scores[key] = score_outputs(pages, models[key]["texts"])
         print(json.dumps({k: v for k, v in result.items() if k != "sft"}, indent=1, default=str), flush=True)
-        if probe_pairs is None and "chunking.max_tokens" not in variant_overrides:
+        if probe_pairs is None and "chunking.max_tokens" not in variant_overrides and "model.base" not in variant_overrides:
             probe_pairs = train_pairs(spark, workdir)  # the default chunking's pairs
     probe = None
     if args.smollm2_probe_steps > 0:

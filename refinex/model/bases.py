@@ -377,10 +377,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def keep_first_layers(checkpoint: Path, n_layers: int) -> Path:
+    """Cut a decoder-only checkpoint down to its first ``n_layers`` layers, in place.
+
+    Layer pruning: the embeddings, the final norm and the head are kept, the deeper decoder
+    layers dropped. The shallower model fine-tunes and decodes in proportion faster (the
+    CPU-budget variants of a base; the pruned layers are recovered by fine-tuning).
+    """
+    model, tokenizer = load_checkpoint(checkpoint)
+    layers = model.model.layers
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"keep_layers must be in [1, {len(layers)}], got {n_layers}")
+    model.model.layers = layers[:n_layers]
+    model.config.num_hidden_layers = n_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = list(model.config.layer_types)[:n_layers]
+    model.save_pretrained(str(checkpoint), safe_serialization=True)
+    tokenizer.save_pretrained(str(checkpoint))
+    return checkpoint
+
+
 def _prepare_gguf_package(profile: BaseProfile, cache: Path) -> Path:
     package = str(profile.settings.get("package", ""))
     gguf_path, version = find_package_gguf(package, str(profile.settings.get("gguf_suffix", ".gguf")))
     sha = _file_sha256(gguf_path)
+    keep = profile.settings.get("keep_layers")
     info = {
         "base": profile.name,
         "kind": profile.kind,
@@ -389,11 +410,16 @@ def _prepare_gguf_package(profile: BaseProfile, cache: Path) -> Path:
         "gguf_file": gguf_path.name,
         "gguf_sha256": sha,
     }
-    return _cached_build(
-        cache / f"{profile.name}-{version}-{sha[:12]}",
-        lambda tmp: convert_gguf(gguf_path, tmp),
-        info,
-    )
+    suffix = ""
+    if keep is not None:
+        info["keep_layers"] = int(keep)
+        suffix = f"-l{int(keep)}"
+
+    def build(tmp: Path) -> Path:
+        convert_gguf(gguf_path, tmp)
+        return keep_first_layers(tmp, int(keep)) if keep is not None else tmp
+
+    return _cached_build(cache / f"{profile.name}-{version}-{sha[:12]}{suffix}", build, info)
 
 
 # --- local --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ followed by eos, and prompt positions get the label ``-100``. An example longer 
 ``max_seq_len`` never loses target tokens: it is skipped (default) or its prompt is
 left-truncated (``truncation="left"``), and both are counted. Micro-batches are grouped by
 length; AdamW with warmup and cosine/linear decay, gradient accumulation (the loss is a
-token mean over the whole accumulated batch), bf16 autocast on CUDA, fp32 on CPU, seeded.
+token mean over the whole accumulated batch), bf16 autocast on CUDA (and on CPU when asked: ``precision="bf16"``), otherwise fp32, seeded.
 
 ``train`` writes a safetensors checkpoint + tokenizer to ``out_dir`` with
 ``refinex_model.json`` (base, prompt version, train data version, metrics, config) and
@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 
 from refinex.model.bases import prepare_base, read_base_info, train_defaults
 from refinex.model.prompts import PROMPT_VERSION
@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MODEL_INFO_FILE = "refinex_model.json"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -80,10 +82,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps between validation evals; 0 = only at start and end
     eval_batch_size: Optional[int] = None
+    eval_max_pairs: Optional[int] = None  # validation loss on an evenly spaced subset of this size
     length_grouping: bool = True
     seed: int = 0
     device: Optional[str] = None  # default: "cuda" when available, else "cpu"
-    precision: str = "auto"  # "auto" (bf16 on CUDA with bf16 support, else fp32), "bf16", "fp32"
+    precision: str = "auto"  # "auto" (bf16 on CUDA with bf16 support, else fp32), "bf16" (CUDA or CPU), "fp32"
     gradient_checkpointing: bool = False
     validation_fraction: Optional[float] = None  # re-split by doc id; None = the pairs' split
     train_data_version: Optional[str] = None
@@ -102,6 +105,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.eval_max_pairs is not None and self.eval_max_pairs < 1:
+            raise ValueError(f"eval_max_pairs must be >= 1, got {self.eval_max_pairs}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.lr_schedule not in SCHEDULES:
@@ -248,6 +253,14 @@ def _encode_all(
     return encoded, skipped, truncated
 
 
+def evenly_spaced(items: Sequence[T], limit: Optional[int]) -> list[T]:
+    """At most ``limit`` of ``items``, evenly spaced and in order (all of them for ``None``)."""
+    items = list(items)
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[(i * len(items)) // limit] for i in range(limit)]
+
+
 def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random, group: bool) -> list[list[int]]:
     """Shuffled micro-batches of indices; with ``group``, similar lengths share a batch.
 
@@ -310,10 +323,13 @@ def _resolve_device_and_precision(config: TrainConfig) -> tuple[Any, str]:
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.precision == "fp32":
         return device, "fp32"
-    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if config.precision == "bf16" and not bf16_ok:
-        raise ValueError(f"precision 'bf16' needs a CUDA device with bf16 support, got {device}")
-    return device, "bf16" if bf16_ok else "fp32"
+    if config.precision == "bf16":
+        # CUDA needs bf16 support; on CPU autocast runs bf16 matmuls through oneDNN (fast on
+        # CPUs with AVX512-BF16/AMX, emulated elsewhere) with fp32 master weights.
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision 'bf16' needs a CUDA device with bf16 support, got {device}")
+        return device, "bf16"
+    return device, "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def evaluate_loss(
@@ -392,6 +408,7 @@ def train(
     pad_id = int(tokenizer.pad_token_id)
 
     train_examples, skipped, truncated = _encode_all(tokenizer, train_pairs, config)
+    validation_pairs = evenly_spaced(validation_pairs, config.eval_max_pairs)
     val_examples, val_skipped, val_truncated = _encode_all(tokenizer, validation_pairs, config)
     if not train_examples:
         raise ValueError(

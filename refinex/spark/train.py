@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 FINGERPRINT_TAG = "train_fingerprint"
 # Settings that do not change the trained weights (left out of the fingerprint).
-_NON_MODEL_SETTINGS = ("progress", "plot", "train_data_version", "eval_every", "eval_batch_size", "device")
+_NON_MODEL_SETTINGS = ("progress", "plot", "train_data_version", "eval_every", "eval_batch_size", "eval_max_pairs",
+                       "device")
 _PAIR_COLUMNS = (
     "doc_id", "chunk_idx", "split", "prompt", "target", "start_line", "end_line", "n_prompt_tokens",
     "truncated_lines", "origin_version", "base_tokenizer",

