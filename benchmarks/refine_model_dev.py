@@ -253,11 +253,12 @@ def _registered_metrics(config: Config, workdir: str, version: str) -> dict[str,
 
 
 def _probe_steps(pairs: Sequence[tuple[str, str]], steps: int) -> dict[str, Any]:
-    """In a child process: time SmolLM2-135M training steps (batch 1) on median-length pairs."""
+    """In a child process: time SmolLM2-135M training steps (batch 1) on median-length pairs,
+    in fp32 and with bf16 autocast (``precision="bf16"``)."""
     import torch
 
     from refinex.model.bases import load_checkpoint, prepare_base
-    from refinex.model.train import _collate, encode_pair, target_loss_sum
+    from refinex.model.train import _autocast, _collate, encode_pair, target_loss_sum
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, tokenizer = load_checkpoint(prepare_base("smollm2-135m"))
@@ -267,24 +268,29 @@ def _probe_steps(pairs: Sequence[tuple[str, str]], steps: int) -> dict[str, Any]
     by_length = sorted(examples, key=lambda e: len(e.input_ids))
     middle = len(by_length) // 2
     chosen = by_length[max(0, middle - (steps + 1) // 2) : middle + steps // 2 + 1]
-    seconds = cpu_seconds = tokens = 0.0
-    for index, example in enumerate(chosen):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        loss_sum, n_tokens = target_loss_sum(model, *_collate([example], int(tokenizer.pad_token_id), "cpu"))
-        (loss_sum / n_tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if index:  # the first one warms up
-            seconds += time.perf_counter() - started
-            cpu_seconds += time.process_time() - cpu_started
-            tokens += len(example.input_ids)
     total_tokens = sum(len(e.input_ids) for e in examples)
     cores = os.cpu_count() or 1
-    # CPU time holds on a shared machine; the estimate assumes every core is free.
-    tokens_per_s = tokens / cpu_seconds * cores
-    return {"tokens_per_s": tokens_per_s, "wall_tokens_per_s": tokens / seconds, "pairs": len(examples),
-            "measured": len(chosen) - 1, "mean_tokens": total_tokens / len(examples), "cores": cores,
-            "epoch_hours": total_tokens / tokens_per_s / 3600}
+    result: dict[str, Any] = {"pairs": len(examples), "measured": len(chosen) - 1,
+                              "mean_tokens": total_tokens / len(examples), "cores": cores}
+    for precision in ("fp32", "bf16"):
+        seconds = cpu_seconds = tokens = 0.0
+        for index, example in enumerate(chosen):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            with _autocast(torch.device("cpu"), precision):
+                loss_sum, n_tokens = target_loss_sum(model, *_collate([example], int(tokenizer.pad_token_id), "cpu"))
+            (loss_sum / n_tokens).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if index:  # the first one warms up
+                seconds += time.perf_counter() - started
+                cpu_seconds += time.process_time() - cpu_started
+                tokens += len(example.input_ids)
+        # CPU time holds on a shared machine; the estimate assumes every core is free.
+        tokens_per_s = tokens / cpu_seconds * cores
+        key = "" if precision == "fp32" else "bf16_"
+        result.update({f"{key}tokens_per_s": tokens_per_s, f"{key}wall_tokens_per_s": tokens / seconds,
+                       f"{key}epoch_hours": total_tokens / tokens_per_s / 3600})
+    return result
 
 
 def train_pairs(spark: Any, workdir: str) -> list[tuple[str, str]]:
@@ -318,6 +324,34 @@ def _row(label: str, scores: Mapping[str, Any], ratio: Optional[float], invalid:
 
 def _metric(values: Mapping[str, Any], key: str, digits: int = 3) -> str:
     return f"{values[key]:.{digits}f}" if values.get(key) is not None else "-"
+
+
+def reading(report: Mapping[str, Any], rates: Sequence[float], fallback: Sequence[int]) -> str:
+    """The plain-words paragraph under the tables (what the rows say)."""
+    scores = report["scores"]
+    tiny = [v for v in report["variants"] if str(v["train"]["base"]).startswith("tiny")]
+    pretrained = [v for v in report["variants"] if v not in tiny]
+    text = ("Reading it plainly: grammar-constrained decoding does what it promises (0 invalid chunks, against "
+            f"{100 * min(rates):.0f}-{100 * max(rates):.0f}% of the chunks without it). ")
+    if tiny:
+        text += ("A ~1M-parameter model trained from scratch on a CPU has not learned *which* lines to delete: "
+                 "forced to write valid programs, it deletes far too much (mean deletion ratio above the oracle's). "
+                 "Without constraints the invalid outputs lose their deletions (lines that do not parse count as "
+                 "errors, operations on lines outside the chunk are dropped) and where errors exceed the guardrail "
+                 f"the raw text is kept ({min(fallback)}-{max(fallback)} of {report['validation_docs']} documents "
+                 "`fallback_raw`), so the unconstrained rows sit closer to the raw text. ")
+    for variant in pretrained:
+        key = f"{variant['name']}/constrained"
+        if key not in scores:
+            continue
+        train = variant["train"]
+        text += (f"The pretrained base ({train['base']}, {int(train['steps'])} steps in "
+                 f"{train['train_seconds'] / 60:.0f} minutes on this CPU) is a different model: snippet F1 "
+                 f"{scores[key]['snippet']['f1']:.3f} and bag-of-words F1 {scores[key]['bow']['f1']:.3f} against "
+                 f"the tagger's {scores['tagger']['snippet']['f1']:.3f} and {scores['tagger']['bow']['f1']:.3f}, "
+                 f"deleting {report['models'][key]['mean_deletion_ratio']:.3f} of the characters on average (the "
+                 f"oracle {report['ratios']['distilled']:.3f}). ")
+    return text.rstrip()
 
 
 def render(report: Mapping[str, Any]) -> str:
@@ -371,15 +405,20 @@ def render(report: Mapping[str, Any]) -> str:
     probe = report.get("smollm2")
     lines.append("")
     if probe:
+        bf16 = ""
+        if probe.get("bf16_tokens_per_s"):
+            bf16 = (f" ({probe['bf16_tokens_per_s']:.0f} tokens/s and about {probe['bf16_epoch_hours']:.1f} hours "
+                    "with bf16 autocast)")
         lines.append(
-            f"SmolLM2-135M was not trained here: its fp32 training (batch 1, {probe['measured']} median-length pairs "
-            f"of the default 1500-token chunks) processes {probe['tokens_per_s']:.0f} tokens/s with all "
-            f"{probe['cores']} cores free (from its CPU time; {probe['wall_tokens_per_s']:.0f} tokens/s wall-clock in "
-            f"this shared run), so one epoch over the {probe['pairs']} training pairs (mean "
+            f"The full SmolLM2-135M (30 layers) was not trained here: its fp32 training (batch 1, {probe['measured']} "
+            f"median-length pairs of the default 1500-token chunks) processes {probe['tokens_per_s']:.0f} tokens/s "
+            f"with all {probe['cores']} cores free (from its CPU time; {probe['wall_tokens_per_s']:.0f} tokens/s "
+            f"wall-clock in this shared run), so one epoch over the {probe['pairs']} training pairs (mean "
             f"{probe['mean_tokens']:.0f} SmolLM2 tokens) takes about **{probe['epoch_hours']:.1f} hours** on this "
-            "CPU; batch 8 at these lengths also needed more than the machine's 23 GB (eager attention; the process "
-            "was killed). Train it on a GPU: `refinex train --workdir DIR --base smollm2-135m` (or the paper's "
-            "`qwen3-0.6b-base` with `--config gpu`)."
+            f"CPU{bf16}. `smollm2-135m-l12` keeps its first 12 decoder layers (layer pruning; embeddings, final norm "
+            "and head kept) and trains with bf16 autocast: its two epochs over the 512-token chunks are in the table "
+            "above, the pretrained base this CPU can afford. Train the full model on a GPU: `refinex train --workdir DIR --base "
+            "smollm2-135m` (or the paper's `qwen3-0.6b-base` with `--config gpu`)."
         )
     unconstrained = [v for v in report["variants"] if "unconstrained" in v["refine"]]
     rates = [v["refine"]["unconstrained"]["invalid_chunks"] / max(1, v["refine"]["unconstrained"]["chunks"])
@@ -388,20 +427,12 @@ def render(report: Mapping[str, Any]) -> str:
                 for v in unconstrained] or [0]
     lines += [
         "",
-        f"Reading it plainly: grammar-constrained decoding does what it promises (0 invalid chunks, against "
-        f"{100 * min(rates):.0f}-{100 * max(rates):.0f}% of the chunks without it), but a ~1M-parameter model "
-        "trained from scratch on a CPU has not learned *which* lines to delete: forced to write valid programs, "
-        "it deletes far too much (mean deletion ratio above the oracle's). Without constraints the invalid "
-        "outputs lose their deletions (lines that do not parse count as errors, operations on lines outside the "
-        "chunk are dropped) and where errors exceed the guardrail the raw text is kept "
-        f"({min(fallback)}-{max(fallback)} of {report['validation_docs']} documents `fallback_raw`), so the "
-        "unconstrained rows sit closer to the raw text. Beating the line tagger needs a pretrained base trained "
-        "on a GPU.",
+        reading(report, rates, fallback),
         "",
         "The workdir is reused between runs: a model already registered for the same pairs, base and settings "
         "is not trained again, and documents a model already refined are not refined again; their training "
         "time comes from the registry and their refine speed from `stage_runs` of the run that did the work "
-        f"(a run from scratch takes about 30 minutes here). Validation loss and `val_*` are on the validation "
+        f"(from scratch: about 30 minutes for the tiny variants, about two hours more for smollm2-135m-l12). Validation loss and `val_*` are on the validation "
         f"chunks ({report['eval_chunks']} for `val_*`); the line F1 counts removed lines, the char F1 weighs them "
         "by length: pages have many short boilerplate lines, so deleting nearly everything still scores a high "
         "line F1 (tiny-1ep).",
@@ -424,7 +455,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force-refine", action="store_true",
                         help="refine the validation documents again (default: reuse the programs of earlier runs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw report here")
+    parser.add_argument("--render-json", type=Path, default=None,
+                        help="only render the section from a report written by --json (no Spark, no models)")
     args = parser.parse_args(argv)
+    if args.render_json:
+        section = render(json.loads(args.render_json.read_text(encoding="utf-8")))
+        print(section)
+        if args.write_benchmarks:
+            write_section(REPO / "BENCHMARKS.md", section, SECTION)
+        return 0
 
     from refinex.spark.session import get_spark
 
