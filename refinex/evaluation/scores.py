@@ -73,12 +73,14 @@ class BowScores:
     pages: int
 
 
-def _ratio(num: float, den: float) -> float:
+def ratio(num: float, den: float) -> float:
+    """``num / den``, or 0.0 when ``den`` is 0 (an empty count scores 0, not an error)."""
     return num / den if den else 0.0
 
 
-def _f1(precision: float, recall: float) -> float:
-    return _ratio(2 * precision * recall, precision + recall)
+def f1_score(precision: float, recall: float) -> float:
+    """Harmonic mean of ``precision`` and ``recall`` (0.0 when both are 0)."""
+    return ratio(2 * precision * recall, precision + recall)
 
 
 def snippet_counts(output: str, gold: Mapping[str, Sequence[str]]) -> Counts:
@@ -113,10 +115,10 @@ def snippet_scores(counts: Iterable[Counts]) -> SnippetScores:
     for c in counts:
         total = total + c
         pages += 1
-    precision = _ratio(total.tp, total.tp + total.fp)
-    recall = _ratio(total.tp, total.tp + total.fn)
-    accuracy = _ratio(total.tp + total.tn, total.tp + total.fp + total.tn + total.fn)
-    return SnippetScores(precision, recall, _f1(precision, recall), accuracy, total, pages)
+    precision = ratio(total.tp, total.tp + total.fp)
+    recall = ratio(total.tp, total.tp + total.fn)
+    accuracy = ratio(total.tp + total.tn, total.tp + total.fp + total.tn + total.fn)
+    return SnippetScores(precision, recall, f1_score(precision, recall), accuracy, total, pages)
 
 
 def bow_scores(counts: Iterable[tuple[int, int, int]]) -> BowScores:
@@ -127,6 +129,6 @@ def bow_scores(counts: Iterable[tuple[int, int, int]]) -> BowScores:
         out += n_out
         gold += n_gold
         pages += 1
-    precision = _ratio(overlap, out)
-    recall = _ratio(overlap, gold)
-    return BowScores(precision, recall, _f1(precision, recall), overlap, out, gold, pages)
+    precision = ratio(overlap, out)
+    recall = ratio(overlap, gold)
+    return BowScores(precision, recall, f1_score(precision, recall), overlap, out, gold, pages)

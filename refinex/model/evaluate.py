@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from refinex.evaluation.scores import f1_score, ratio
 from refinex.program import Program, RemoveLines, RemoveStr, parse
 
 __all__ = ["ChunkExample", "ProgramMetrics", "program_metrics", "removed_lines"]
@@ -63,10 +64,6 @@ def _outside(program: Program, first_line: int, last_line: int) -> bool:
     return False
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den else 0.0
-
-
 def program_metrics(backend: Any, examples: Sequence[ChunkExample]) -> ProgramMetrics:
     """Generate a program for every example with ``backend`` and score it."""
     outputs = backend.generate([e.request for e in examples]) if examples else []
@@ -88,8 +85,8 @@ def program_metrics(backend: Any, examples: Sequence[ChunkExample]) -> ProgramMe
     char_p, char_r, char_f1 = _scores(*chars)
     return ProgramMetrics(
         chunks=n,
-        exact_match=_ratio(exact, n),
-        invalid_rate=_ratio(invalid, n),
+        exact_match=ratio(exact, n),
+        invalid_rate=ratio(invalid, n),
         line_precision=line_p,
         line_recall=line_r,
         line_f1=line_f1,
@@ -100,5 +97,5 @@ def program_metrics(backend: Any, examples: Sequence[ChunkExample]) -> ProgramMe
 
 
 def _scores(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
-    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    return precision, recall, _ratio(2 * precision * recall, precision + recall)
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    return precision, recall, f1_score(precision, recall)

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from refinex.evaluation.scores import ratio
 from refinex.program import parse
 from refinex.program.ops import KeepAll, Program, RemoveLines
 
@@ -59,10 +60,6 @@ def program_from_labels(removed: Sequence[bool]) -> Program:
     return Program(tuple(ops)) if ops else Program((KeepAll(),))
 
 
-def _ratio(count: int, total: int) -> float:
-    return count / total if total else 0.0
-
-
 def _dense_features(lines: Sequence[str]) -> np.ndarray:
     """Layout features of every line of one document (roughly scaled to [0, 1])."""
     n = len(lines)
@@ -82,15 +79,15 @@ def _dense_features(lines: Sequence[str]) -> np.ndarray:
             math.log1p(n - 1 - i) / 8.0,
             float(not stripped),
             float(size < 30),
-            _ratio(sum(c.isdigit() for c in line), size),
-            _ratio(sum(c.isupper() for c in line), size),
-            _ratio(sum(c.isalpha() for c in line), size),
-            _ratio(sum(c in _PUNCT for c in line), size),
-            _ratio(sum(c.isspace() for c in line), size),
+            ratio(sum(c.isdigit() for c in line), size),
+            ratio(sum(c.isupper() for c in line), size),
+            ratio(sum(c.isalpha() for c in line), size),
+            ratio(sum(c in _PUNCT for c in line), size),
+            ratio(sum(c.isspace() for c in line), size),
             float(stripped.endswith(_SENTENCE_END)),
             float(any(marker in line for marker in _URL_MARKERS)),
-            _ratio(sum(c in _SEPARATORS for c in line), max(n_words, 1)),
-            _ratio(sum(w[:1].isupper() for w in words), n_words),
+            ratio(sum(c in _SEPARATORS for c in line), max(n_words, 1)),
+            ratio(sum(w[:1].isupper() for w in words), n_words),
             math.log1p(lengths[i - 1]) / 8.0 if i > 0 else 0.0,
             math.log1p(lengths[i + 1]) / 8.0 if i + 1 < n else 0.0,
             math.log1p(counts[stripped] - 1) / 3.0 if stripped else 0.0,
