@@ -8,6 +8,7 @@ sets the log level of the stages' progress messages (default INFO, on stderr).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -137,6 +138,21 @@ def _print_json(stats: dict[str, Any]) -> None:
     typer.echo(json.dumps(stats, indent=2, sort_keys=False, default=str))
 
 
+def _run_stage(target: str, config: Optional[str], set_: Optional[list[str]], workdir: Optional[str],
+               *args: Any, **kwargs: Any) -> None:
+    """Run the stage ``"module:function"`` as ``function(spark, cfg, workdir, *args, **kwargs)``
+    and print its stats; the module is imported only now (the CLI starts without Spark)."""
+
+    def body() -> None:
+        module, _, name = target.partition(":")
+        stage = getattr(importlib.import_module(module), name)
+        cfg = _config(config, set_)
+        wd = _workdir(cfg, workdir)
+        _print_json(stage(_session(cfg, wd), cfg, wd, *args, **kwargs))
+
+    _run(body)
+
+
 def _run(action: Callable[[], T]) -> T:
     """Run a command body, turning expected failures into one-line errors (exit 1)."""
     _setup_logging()
@@ -257,14 +273,7 @@ def distill(
 ) -> None:
     """Distil the expert's refinements into deletion-only programs."""
 
-    def body() -> None:
-        from refinex.spark.distill import run_distill
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        _print_json(run_distill(_session(cfg, wd), cfg, wd, expert=expert))
-
-    _run(body)
+    _run_stage("refinex.spark.distill:run_distill", config, set_, workdir, expert=expert)
 
 
 @app.command()
@@ -277,14 +286,7 @@ def apply(
 ) -> None:
     """Execute programs over every document into refined_documents."""
 
-    def body() -> None:
-        from refinex.spark.apply import run_apply
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        _print_json(run_apply(_session(cfg, wd), cfg, wd, origin=origin, origin_version=origin_version))
-
-    _run(body)
+    _run_stage("refinex.spark.apply:run_apply", config, set_, workdir, origin=origin, origin_version=origin_version)
 
 
 @app.command()
@@ -297,14 +299,7 @@ def stats(
 ) -> None:
     """Write edit_stats (one row per document) and print the summary."""
 
-    def body() -> None:
-        from refinex.spark.stats import run_stats
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        _print_json(run_stats(_session(cfg, wd), cfg, wd, origin=origin, origin_version=origin_version))
-
-    _run(body)
+    _run_stage("refinex.spark.stats:run_stats", config, set_, workdir, origin=origin, origin_version=origin_version)
 
 
 @app.command()
@@ -321,14 +316,8 @@ def export(
     The default origin is that of the most recent apply run.
     """
 
-    def body() -> None:
-        from refinex.spark.apply import run_export
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        _print_json(run_export(_session(cfg, wd), cfg, wd, output, origin=origin, origin_version=origin_version))
-
-    _run(body)
+    _run_stage("refinex.spark.apply:run_export", config, set_, workdir, output, origin=origin,
+               origin_version=origin_version)
 
 
 @app.command("sft-pairs")
@@ -344,14 +333,7 @@ def sft_pairs(
 ) -> None:
     """Rebuild sft_pairs: one (prompt, target) pair per chunk of every distilled program."""
 
-    def body() -> None:
-        from refinex.spark.sft import run_sft_pairs
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        _print_json(run_sft_pairs(_session(cfg, wd), cfg, wd, origin_version=origin_version, base=base))
-
-    _run(body)
+    _run_stage("refinex.spark.sft:run_sft_pairs", config, set_, workdir, origin_version=origin_version, base=base)
 
 
 @app.command()
