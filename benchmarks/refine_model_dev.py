@@ -524,7 +524,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
                    f"{__import__('torch').__version__}",
-        "command": "python benchmarks/refine_model_dev.py --write-benchmarks",
+        "command": " ".join(["python benchmarks/refine_model_dev.py", *(sys.argv[1:] if argv is None else argv)]),
         "wall_s": time.perf_counter() - started,
         "load": load_average(),
         "documents": len(train_ids) + len(validation_ids),
