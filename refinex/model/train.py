@@ -576,12 +576,22 @@ def plot_loss_curve(result: TrainResult, path: Union[str, os.PathLike[str]]) -> 
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
-    steps = list(range(1, len(result.train_losses) + 1))
+    losses = list(result.train_losses)
+    steps = list(range(1, len(losses) + 1))
     if steps:
-        ax.plot(steps, result.train_losses, label="train loss", linewidth=1.0, alpha=0.8)
+        ax.plot(steps, losses, label="train loss", linewidth=0.8, alpha=0.35)
+        window = max(1, len(losses) // 50)
+        if window > 1:  # the trend, which per-step noise hides
+            ax.plot(steps, _moving_average(losses, window), label=f"train loss, mean of {window} steps",
+                    linewidth=1.5)
+    every = list(losses)
     if result.eval_losses:
         xs, ys = zip(*result.eval_losses)
-        ax.plot(xs, ys, marker="o", label="validation loss", linewidth=1.5)
+        ax.plot(xs, ys, marker="o", linestyle="--", label="validation loss", linewidth=1.0)
+        every += ys
+    # a fresh model starts one or two orders of magnitude above where it ends
+    if every and min(every) > 0 and max(every) / min(every) > 20:
+        ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (program tokens)")
     base_name = read_base_info(result.base_path).get("base") or Path(result.base).name
@@ -593,3 +603,14 @@ def plot_loss_curve(result: TrainResult, path: Union[str, os.PathLike[str]]) -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(target), format="png")
     return target
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out

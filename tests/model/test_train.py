@@ -19,6 +19,7 @@ from refinex.model.train import (
     TrainConfig,
     _batches,
     _collate,
+    _moving_average,
     _resolve_device_and_precision,
     encode_pair,
     evenly_spaced,
@@ -194,3 +195,9 @@ def test_bf16_autocast_training_on_cpu(tiny_model_dir: Path, tiny_sft_pairs: lis
     model, _ = load_checkpoint(result.out_dir)
     assert next(model.parameters()).dtype == torch.float32
     assert _resolve_device_and_precision(TrainConfig(device="cpu"))[1] == "fp32"
+
+
+def test_moving_average_of_the_loss_curve() -> None:
+    assert _moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+    assert _moving_average([1.0, 2.0], 1) == [1.0, 2.0]
+    assert _moving_average([], 3) == []

@@ -61,6 +61,30 @@ def deletions(line: str, text: str) -> set[str]:
     return results
 
 
+def content(text: str) -> list[str]:
+    """The non-blank lines of ``text`` (blank lines are layout to the distiller)."""
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def check_blank_lines_follow_content(raw: str, program: Program) -> None:
+    """No operation is spent on blank lines: each blank line goes or stays with the nearest
+    non-blank line above it (below it, at the top of the document)."""
+    lines = raw.split("\n")
+    removed = set()
+    for op in program.ops:
+        if isinstance(op, RemoveLines):
+            removed.update(range(op.start, op.end + 1))
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    if not filled:
+        return
+    for i, line in enumerate(lines):
+        if not line.strip():
+            above = [j for j in filled if j < i]
+            anchor = above[-1] if above else filled[0]
+            assert (i in removed) == (anchor in removed), (i, raw, program)
+    assert not any(isinstance(op, RemoveStr) and not lines[op.line].strip() for op in program.ops)
+
+
 def check_invariants(raw: str, refined: str) -> tuple[Distillation, str]:
     """Invariants that hold for every input; returns the report and the program's output."""
     report = distill_report(raw, refined)
@@ -98,7 +122,8 @@ def check_invariants(raw: str, refined: str) -> tuple[Distillation, str]:
     # accounting
     assert report.kept_chars == len(out)
     assert report.deleted_chars == len(raw) - len(out)
-    assert report.exact == (out == refined)
+    assert report.exact == (content(out) == content(refined))
+    check_blank_lines_follow_content(raw, report.program)
     assert report.inserted_chars >= 0 and report.replaced_chars >= 0
     assert report.unrepresentable_ratio == report.inserted_chars / max(1, len(refined))
     return report, out
@@ -301,7 +326,7 @@ def test_unrelated_expert_text_keeps_invariants(doc: list[Line], refined: str) -
 def test_pure_deletions_are_reproduced_exactly(pair: tuple[str, str]) -> None:
     raw, refined = pair
     report, out = check_invariants(raw, refined)
-    assert out == refined
+    assert content(out) == content(refined)
     assert report.exact and report.inserted_chars == 0 and report.replaced_chars == 0
 
 
@@ -310,7 +335,7 @@ def test_pure_deletions_are_reproduced_exactly(pair: tuple[str, str]) -> None:
 def test_unit_level_deletions_are_reproduced_exactly(pair: tuple[str, str]) -> None:
     raw, refined = pair
     report, out = check_invariants(raw, refined)
-    assert out == refined and report.exact
+    assert content(out) == content(refined) and report.exact
 
 
 SMALL_ALPHABET = "ab \n.,-|éx\u0301"
@@ -387,8 +412,8 @@ def test_trafilatura_style_output_gives_line_removals_only() -> None:
     raw = "  Title  \n\nNav | Links\n  Body   text here.  \n"
     refined = "Title\nBody text here."
     report, out = check_invariants(raw, refined)
-    assert report.program == Program((RemoveLines(1, 2), RemoveLines(4, 4)))
-    assert out == "  Title  \n  Body   text here.  " and report.inserted_chars == 0
+    assert report.program == Program((RemoveLines(2, 2),))
+    assert out == "  Title  \n\n  Body   text here.  \n" and report.inserted_chars == 0
 
 
 def test_repeated_boilerplate_lines_go_with_their_context() -> None:
@@ -462,9 +487,26 @@ def test_whitespace_noise_in_edited_lines_gives_no_whitespace_ops() -> None:
     assert program == Program((RemoveStr(0, "Ad:  "), RemoveLines(1, 1)))
 
 
-def test_dropped_blank_lines_are_removed_exactly() -> None:
+def test_dropped_blank_lines_cost_no_operation() -> None:
     raw = "Para one.\n\nPara two.\n"
-    assert distill(raw, "Para one.\nPara two.") == Program((RemoveLines(1, 1), RemoveLines(3, 3)))
+    report = distill_report(raw, "Para one.\nPara two.")
+    assert report.program == Program((KeepAll(),)) and report.exact
+
+
+def test_deleted_blocks_take_their_blank_lines_and_merge_across_them() -> None:
+    raw = "\nNav\n\nFirst para.\n\nAd\n\n \nSecond para.\n\nFooter\n\nCopyright\n"
+    report, out = check_invariants(raw, "First para.\nSecond para.")
+    assert report.program == Program((RemoveLines(0, 2), RemoveLines(5, 7), RemoveLines(10, 13)))
+    assert out == "First para.\n\nSecond para.\n" and report.exact
+
+
+def test_alternating_blank_lines_give_one_range_per_deleted_block() -> None:
+    paras = [f"Paragraph {i} of the story." for i in range(6)]
+    menu = [f"Menu item {i}" for i in range(4)]
+    raw = "\n\n".join(menu + paras + menu)
+    report, out = check_invariants(raw, "\n".join(paras))
+    assert report.program == Program((RemoveLines(0, 7), RemoveLines(20, 26)))
+    assert content(out) == paras
 
 
 def test_merged_and_split_lines_keep_raw_lines() -> None:
@@ -520,15 +562,15 @@ def test_ambiguous_deletion_is_given_up_rather_than_deleting_a_kept_word() -> No
 def test_line_emptied_by_the_expert_is_removed_whole() -> None:
     raw = "keep me\nall of this goes\nand me"
     report, out = check_invariants(raw, "keep me\n\nand me")
-    assert out == "keep me\nand me" and not report.exact
+    assert out == "keep me\nand me" and report.exact  # the blank line it left is layout
 
 
 def test_blank_and_empty_edge_cases() -> None:
     assert distill("", "") == Program((KeepAll(),))
     assert distill("", "new text") == Program((KeepAll(),))
     assert distill("   ", "") == Program((RemoveLines(0, 0),))
-    assert distill("a\n\nb", "\n") == Program((RemoveLines(0, 0), RemoveLines(2, 2)))
-    assert distill("a\n\nb", "   \n") == Program((RemoveLines(0, 0), RemoveLines(2, 2)))
+    assert distill("a\n\nb", "\n") == Program((RemoveLines(0, 2),))
+    assert distill("a\n\nb", "   \n") == Program((RemoveLines(0, 2),))
     report, out = check_invariants("only nav", "completely different")
     assert out == "" and report.inserted_chars == len("completely different")
 
