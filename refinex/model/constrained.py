@@ -27,6 +27,7 @@ their own structured-output support (vLLM, OpenAI-compatible servers).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import weakref
@@ -45,6 +46,8 @@ __all__ = [
     "int_range_regex",
     "escape_char",
     "complete_prefix",
+    "op_confidences",
+    "drop_unsure_ops",
 ]
 
 # Automaton modes (first element of every state tuple).
@@ -734,6 +737,10 @@ class ProgramLogitsProcessor(_logits_processor_base()):  # type: ignore[misc]
     the ``top_k`` best tokens are checked first, the trie walk only runs when none is valid.
     ``mode="mask"``: every invalid token gets ``-inf`` (for sampling). A row that reached
     eos (or whose state cannot continue) is pinned to eos.
+
+    ``record=True`` (greedy mode) keeps, for every step, the log-probability the model gave
+    the token chosen for each row, under its own distribution before the constraint
+    (:meth:`token_logprobs`): the confidence behind each generated token.
     """
 
     def __init__(
@@ -743,9 +750,12 @@ class ProgramLogitsProcessor(_logits_processor_base()):  # type: ignore[misc]
         *,
         mode: str = "greedy",
         top_k: int = 8,
+        record: bool = False,
     ) -> None:
         if mode not in ("greedy", "mask"):
             raise ValueError(f"mode must be 'greedy' or 'mask', got {mode!r}")
+        if record and mode != "greedy":
+            raise ValueError("token log-probabilities are recorded in greedy mode only")
         if not table.eos_ids:
             raise ValueError("constrained decoding needs an eos token")
         self.automata = list(automata)
@@ -757,6 +767,8 @@ class ProgramLogitsProcessor(_logits_processor_base()):  # type: ignore[misc]
         self._eos = set(table.eos_ids)
         self._next: list[dict[int, Optional[State]]] = [{} for _ in self.automata]
         self._seen: Optional[int] = None
+        self.record = record
+        self._logprobs: list[Any] = []  # per step: (rows, 1) log-probabilities of the chosen tokens
         self.fallbacks = 0  # rows that needed a trie walk (greedy mode)
         self.calls = 0
         self.seconds = 0.0  # wall time spent in this processor
@@ -866,8 +878,62 @@ class ProgramLogitsProcessor(_logits_processor_base()):  # type: ignore[misc]
                 chosen[row] = token if ids else eos
         chosen_index = torch.tensor(chosen, dtype=torch.long, device=scores.device)[:, None]
         kept = scores.gather(1, chosen_index)
+        if self.record:  # before the fill below overwrites the model's distribution
+            self._logprobs.append(kept - scores.logsumexp(dim=-1, keepdim=True))
         # In place: generate hands processors a fresh float32 copy of the logits.
         return scores.fill_(neg_inf).scatter_(1, chosen_index, kept)
+
+
+    def token_logprobs(self) -> list[list[float]]:
+        """Per row, the recorded log-probability of each generated token (``record=True``)."""
+        if not self._logprobs:
+            return [[] for _ in self.automata]
+        import torch
+
+        return torch.cat(self._logprobs, dim=1).float().cpu().tolist()
+
+
+def op_confidences(pieces: Sequence[bytes], logprobs: Sequence[float], program: bytes) -> list[tuple[bytes, float]]:
+    """Each operation line of ``program`` with its confidence: the lowest probability of the
+    generated tokens that wrote part of it.
+
+    ``pieces`` are the bytes of the generated tokens, ``logprobs`` their log-probabilities;
+    ``program`` is what was kept of their concatenation (a prefix, plus nothing else). A
+    token that ends one line and starts the next (``")\nremove_"``) counts for both.
+    """
+    if len(pieces) != len(logprobs):
+        raise ValueError(f"{len(pieces)} tokens for {len(logprobs)} log-probabilities")
+    lines: list[tuple[bytes, float]] = []
+    start = 0
+    low = 0.0  # lowest log-probability of the tokens touching the current line
+    token, token_end = 0, 0  # the token covering byte position ``token_end - 1``
+    for pos, byte in enumerate(program):
+        while token_end <= pos and token < len(pieces):
+            token_end += len(pieces[token])
+            low = min(low, float(logprobs[token]))
+            token += 1
+        if byte == _NL:
+            lines.append((program[start : pos + 1], math.exp(low)))
+            start = pos + 1
+            # the token holding this newline may go on into the next line
+            low = float(logprobs[token - 1]) if token_end > pos + 1 and token > 0 else 0.0
+    if start < len(program):
+        lines.append((program[start:], math.exp(low)))
+    return lines
+
+
+def drop_unsure_ops(lines: Sequence[tuple[bytes, float]], min_prob: float) -> tuple[bytes, int]:
+    """The program without the operation lines whose confidence is below ``min_prob``, and
+    how many were dropped. Blank lines (the program's end) are kept as they are. Dropping
+    whole operations keeps a program deletion-only and executable."""
+    kept: list[bytes] = []
+    dropped = 0
+    for line, prob in lines:
+        if line.strip() and prob < min_prob:
+            dropped += 1
+        else:
+            kept.append(line)
+    return b"".join(kept), dropped
 
 
 _NEWLINE_TABLES: "weakref.WeakKeyDictionary[TokenTable, dict[str, tuple[Any, ...]]]" = weakref.WeakKeyDictionary()

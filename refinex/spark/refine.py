@@ -18,7 +18,8 @@ and the counts of invalid output go to ``model_outputs``.
 
 ``origin_version`` is ``<registered name>/<version>`` for registry models, the directory
 name plus a weights digest for local checkpoints, with ``+unconstrained`` appended when
-constrained decoding is off. Documents that already have a program of that version are
+constrained decoding is off (``+minp<p>`` when ``refine.options.min_op_prob`` drops the
+operations the model is unsure of). Documents that already have a program of that version are
 skipped unless ``force``.
 """
 from __future__ import annotations
@@ -117,6 +118,15 @@ def _weights_digest(checkpoint: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def decoding_suffix(config: Config, constrained: bool) -> str:
+    """What ``origin_version`` appends for the decoding: ``+unconstrained``, or ``+minp<p>``
+    when operations under ``refine.options.min_op_prob`` are dropped, else nothing."""
+    if not constrained:
+        return UNCONSTRAINED_SUFFIX
+    min_prob = float(config.refine.options.get("min_op_prob") or 0.0)
+    return f"+minp{min_prob:g}" if min_prob > 0 else ""
+
+
 def resolve_model(config: Config, workdir: str, model_uri: str, constrained: bool = True) -> ResolvedModel:
     """Resolve ``model_uri`` to a local checkpoint and the programs' ``origin_version``.
 
@@ -127,7 +137,7 @@ def resolve_model(config: Config, workdir: str, model_uri: str, constrained: boo
     """
     from refinex.tracking import resolve_model_uri
 
-    suffix = "" if constrained else UNCONSTRAINED_SUFFIX
+    suffix = decoding_suffix(config, constrained)
     remote = model_uri.startswith(("models:", "runs:")) or ("://" in model_uri and not model_uri.startswith("file://"))
     if not remote:
         local = Path(model_uri[len("file://"):] if model_uri.startswith("file://") else model_uri).expanduser()
@@ -409,6 +419,8 @@ def decode_options(config: Config, constrained: bool, backend: str) -> dict[str,
     rc = config.refine
     options: dict[str, Any] = dict(rc.options)
     options.update(constrained=constrained, max_new_tokens=rc.max_new_tokens, batch_size=rc.batch_size)
+    if not constrained:  # a knob of constrained decoding
+        options.pop("min_op_prob", None)
     if backend != "openai":
         options.pop("base_url", None)
     return options

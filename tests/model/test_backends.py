@@ -178,6 +178,47 @@ def test_hf_constrained_outputs_are_always_valid(diverse_model: Any, tiny_tokeni
     assert rates[False] > 0.5
 
 
+def test_hf_operation_confidences_and_min_op_prob(diverse_model: Any, tiny_tokenizer: Any) -> None:
+    """Each op's confidence is the lowest model probability of its tokens; min_op_prob drops
+    exactly the ops below it, and what is left is still a valid program."""
+    import math
+
+    requests, raws = _random_chunks(8, seed=5)
+    scored = _hf(diverse_model, tiny_tokenizer, max_new_tokens=32, batch_size=4).generate_with_confidence(requests)
+    plain = _hf(diverse_model, tiny_tokenizer, max_new_tokens=32, batch_size=4).generate(requests)
+    probs = [p for ops in scored for _, p in ops]
+    assert all(0.0 < p <= 1.0 for p in probs) and len(set(probs)) > 1
+    for ops, text in zip(scored, plain):
+        assert "".join(line + "\n" for line, _ in ops) == text  # same program, with confidences
+    threshold = sorted(probs)[len(probs) // 2]
+    backend = _hf(diverse_model, tiny_tokenizer, max_new_tokens=32, batch_size=4, min_op_prob=threshold)
+    filtered = backend.generate(requests)
+    dropped = 0
+    for ops, text, raw in zip(scored, filtered, raws):
+        kept = [line for line, p in ops if p >= threshold]
+        dropped += len(ops) - len(kept)
+        assert text == ("".join(line + "\n" for line in kept) if kept else "keep_all()\n")
+        assert not _invalid(text, raw), text
+    assert dropped == backend.last_stats["dropped_ops"] > 0
+    # the recorded log-probabilities are the model's own: one greedy step checked by hand
+    request = requests[0]
+    ids = tiny_tokenizer(request.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        first = diverse_model(ids).logits[0, -1].log_softmax(-1)
+    first_op_prob = scored[0][0][1]
+    assert first_op_prob <= math.exp(float(first.max())) + 1e-5
+
+
+def test_min_op_prob_needs_greedy_constrained_transformers() -> None:
+    assert DecodeConfig(min_op_prob=0.5).min_op_prob == 0.5
+    for bad in ({"min_op_prob": 1.0}, {"min_op_prob": -0.1}, {"min_op_prob": 0.5, "constrained": False},
+                {"min_op_prob": 0.5, "greedy": False}):
+        with pytest.raises(ValueError):
+            DecodeConfig(**bad)
+    with pytest.raises(ValueError, match="transformers backend only"):
+        load_backend("openai", "http://127.0.0.1:9", min_op_prob=0.5)
+
+
 def test_hf_truncated_generation_keeps_complete_ops(diverse_model: Any, tiny_tokenizer: Any) -> None:
     requests, raws = _random_chunks(6, seed=3)
     backend = _hf(diverse_model, tiny_tokenizer, max_new_tokens=9, batch_size=6)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -20,8 +21,10 @@ from refinex.model.constrained import (  # noqa: E402
     ProgramLogitsProcessor,
     TokenTable,
     complete_prefix,
+    drop_unsure_ops,
     escape_char,
     int_range_regex,
+    op_confidences,
     program_regex,
     token_table_for,
 )
@@ -472,3 +475,37 @@ def test_program_regex_of_request() -> None:
     pattern = re.compile(request.regex())
     assert pattern.fullmatch('remove_lines(998, 999)\nremove_str(999, "c")\n')
     assert not pattern.fullmatch("remove_lines(1000, 1000)\n")
+
+
+def test_op_confidences_take_the_least_likely_token_of_each_line() -> None:
+    pieces = [b"remove_lines(", b"3", b", 4", b")\nremove_", b"str(5, \"a", b"\")\n"]
+    logprobs = [math.log(0.9), math.log(0.5), math.log(0.8), math.log(0.7), math.log(0.2), math.log(0.95)]
+    program = b"".join(pieces)
+    lines = op_confidences(pieces, logprobs, program)
+    assert [line for line, _ in lines] == [b"remove_lines(3, 4)\n", b'remove_str(5, "a")\n']
+    # ")\nremove_" (0.7) counts for both lines
+    assert [round(p, 6) for _, p in lines] == [0.5, 0.2]
+    # a kept prefix (complete_prefix dropped a cut-off op) keeps the confidences of its lines
+    cut = op_confidences(pieces[:5], logprobs[:5], b"remove_lines(3, 4)\n")
+    assert [(line, round(p, 6)) for line, p in cut] == [(b"remove_lines(3, 4)\n", 0.5)]
+    assert drop_unsure_ops(lines, 0.3) == (b"remove_lines(3, 4)\n", 1)
+    assert drop_unsure_ops(lines, 0.1) == (program, 0)
+    assert drop_unsure_ops(lines, 0.6) == (b"", 2)
+    assert drop_unsure_ops([(b"keep_all()\n", 0.9), (b"\n", 0.01)], 0.5) == (b"keep_all()\n\n", 0)
+    with pytest.raises(ValueError):
+        op_confidences(pieces, logprobs[:2], program)
+
+
+def test_greedy_processor_records_the_models_probabilities(automaton: ProgramAutomaton) -> None:
+    table = _adversarial_table()
+    processor = ProgramLogitsProcessor([automaton, automaton], table, mode="greedy", top_k=4, record=True)
+    scores = torch.zeros((2, table.vocab_size))
+    scores[0, ord("r")] = 3.0  # valid first byte of remove_...: chosen, with its softmax probability
+    scores[1, ord("x")] = 5.0  # invalid: the valid fallback's (lower) probability is recorded
+    processor(torch.zeros((2, 1), dtype=torch.long), scores.clone())
+    expected = scores.log_softmax(-1)
+    recorded = processor.token_logprobs()
+    assert recorded[0] == [pytest.approx(float(expected[0, ord("r")]), abs=1e-5)]
+    assert recorded[1][0] < float(expected[1, ord("x")])
+    with pytest.raises(ValueError):
+        ProgramLogitsProcessor([automaton], table, mode="mask", record=True)

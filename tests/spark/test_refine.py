@@ -241,6 +241,19 @@ def test_model_loaded_once_per_executor_process(
     assert 1 <= len(pids) < stats["partitions"]  # tasks reused the model of their process
 
 
+def test_min_op_prob_refines_under_its_own_origin_version(
+    spark: SparkSession, spark_config: Config, trained: dict[str, Any]
+) -> None:
+    from refinex.spark.refine import decode_options, run_refine
+
+    config = spark_config.with_overrides({"refine.options": {"min_op_prob": 0.5}})
+    stats = run_refine(spark, config, trained["workdir"], "models:/refinex-refiner/1", limit=2)
+    assert stats["origin_version"] == "refinex-refiner/1+minp0.5" and stats["processed"] == 2
+    assert stats["invalid_chunks"] == 0
+    assert decode_options(config, True, "transformers")["min_op_prob"] == 0.5
+    assert "min_op_prob" not in decode_options(config, False, "transformers")  # a knob of constrained decoding
+
+
 def test_unconstrained_outputs_are_parsed_never_evaluated(spark: SparkSession, spark_config: Config, trained: dict[str, Any]) -> None:
     from refinex.program import parse
     from refinex.spark.refine import chunk_program, program_text, run_refine

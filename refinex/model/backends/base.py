@@ -99,6 +99,10 @@ class DecodeConfig:
     ``greedy`` (temperature 0) is the production setting; ``temperature``/``top_p``/``seed``
     only apply when it is off. ``constrained`` turns on grammar-constrained decoding (exact
     automaton for transformers, regex structured outputs for vLLM/OpenAI-compatible servers).
+    ``min_op_prob`` > 0 drops every generated operation whose least likely token had a lower
+    probability under the model (the transformers backend, greedy constrained decoding): a
+    precision/recall knob, like a tagger's threshold, that trades deletions the model is
+    unsure of for kept text.
     """
 
     max_new_tokens: int = 256
@@ -109,8 +113,13 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = field(default=DEFAULT_STOP)
+    min_op_prob: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_op_prob < 1.0:
+            raise ValueError(f"min_op_prob must be in [0, 1), got {self.min_op_prob}")
+        if self.min_op_prob > 0 and not (self.constrained and self.greedy):
+            raise ValueError("min_op_prob needs greedy constrained decoding")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -182,6 +191,8 @@ def load_backend(kind: str, model_path_or_url: str, **options: Any) -> RefineBac
     backend's constructor.
     """
     config, rest = DecodeConfig.split_options(options)
+    if config.min_op_prob > 0 and kind != "transformers":
+        raise ValueError(f"min_op_prob is implemented by the transformers backend only, not {kind!r}")
     if kind == "transformers":
         from refinex.model.backends.hf import HFBackend
 

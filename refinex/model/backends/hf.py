@@ -15,6 +15,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from refinex.model.backends.base import (
+    EMPTY_PROGRAM,
     DecodeConfig,
     GenerationRequest,
     finish_program,
@@ -24,6 +25,8 @@ from refinex.model.constrained import (
     ProgramLogitsProcessor,
     TokenTable,
     complete_prefix,
+    drop_unsure_ops,
+    op_confidences,
     token_table_for,
 )
 
@@ -193,6 +196,20 @@ class HFBackend:
             return []
         return self.generate_from_ids(requests, self._encode([r.prompt for r in requests]))
 
+    def generate_with_confidence(
+        self, requests: Sequence[GenerationRequest]
+    ) -> list[list[tuple[str, float]]]:
+        """Per request, the program's operation lines with their confidences (greedy
+        constrained decoding; no ``min_op_prob`` filtering): what ``min_op_prob`` acts on,
+        for choosing it."""
+        if not (self.config.constrained and self.config.greedy):
+            raise ValueError("operation confidences need greedy constrained decoding")
+        if self.model is None:
+            raise RuntimeError("backend is closed")
+        if not requests:
+            return []
+        return self._run(requests, self._encode([r.prompt for r in requests]), scored=True)
+
     def generate_from_ids(
         self, requests: Sequence[GenerationRequest], encoded: Sequence[Sequence[int]]
     ) -> list[str]:
@@ -204,9 +221,12 @@ class HFBackend:
             raise ValueError(f"{len(encoded)} token lists for {len(requests)} requests")
         if not requests:
             return []
+        return self._run(requests, encoded, scored=False)
+
+    def _run(self, requests: Sequence[GenerationRequest], encoded: Sequence[Sequence[int]], scored: bool) -> list[Any]:
         encoded = [list(ids) for ids in encoded]
         order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
-        outputs: list[str] = [""] * len(requests)
+        outputs: list[Any] = [""] * len(requests)
         stats: dict[str, float] = {
             "batches": 0,
             "rows": 0,
@@ -214,12 +234,13 @@ class HFBackend:
             "fallback_rows": 0,
             "steps": 0,
             "constraint_seconds": 0.0,
+            "dropped_ops": 0,
         }
         size = self.config.batch_size
         for begin in range(0, len(order), size):
             batch = order[begin : begin + size]
             texts, batch_stats = self._generate_batch(
-                [requests[i] for i in batch], [encoded[i] for i in batch]
+                [requests[i] for i in batch], [encoded[i] for i in batch], scored
             )
             for index, text in zip(batch, texts):
                 outputs[index] = text
@@ -229,8 +250,8 @@ class HFBackend:
         return outputs
 
     def _generate_batch(
-        self, requests: list[GenerationRequest], rows: list[list[int]]
-    ) -> tuple[list[str], dict[str, float]]:
+        self, requests: list[GenerationRequest], rows: list[list[int]], scored: bool = False
+    ) -> tuple[list[Any], dict[str, float]]:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -243,12 +264,14 @@ class HFBackend:
         automata = [r.automaton() for r in requests] if self.config.constrained else []
         processors = LogitsProcessorList(self._logits_processors(requests, rows))
         processor: Optional[ProgramLogitsProcessor] = None
+        min_prob = self.config.min_op_prob
         if self.config.constrained:
             processor = ProgramLogitsProcessor(
                 automata,
                 self.table,
                 mode="greedy" if self.config.greedy else "mask",
                 top_k=self.top_k_check,
+                record=scored or min_prob > 0,
             )
             processors.append(processor)
         criteria = StoppingCriteriaList([NewlineStopCriteria(self.table, self.device)])
@@ -266,18 +289,27 @@ class HFBackend:
         eos = set(self.eos_ids)
         if 0 <= self.pad_id < self.table.vocab_size and self.table.token_bytes[self.pad_id] is None:
             eos.add(self.pad_id)  # finished rows are filled with the pad token
-        texts: list[str] = []
-        generated = 0
+        texts: list[Any] = []
+        generated = dropped = 0
+        logprobs = processor.token_logprobs() if processor is not None and processor.record else None
         for i, ids in enumerate(new_tokens):
             end = next((j for j, t in enumerate(ids) if t in eos), len(ids))
             ids = ids[:end]
             generated += len(ids)
-            if self.config.constrained:
-                data = complete_prefix(automata[i], self.table.decode_bytes(ids))
-                text = data.decode("utf-8", "replace")
-            else:
+            if not self.config.constrained:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            texts.append(finish_program(text, self.config.stop, self.config.constrained))
+                texts.append(finish_program(text, self.config.stop, False))
+                continue
+            data = complete_prefix(automata[i], self.table.decode_bytes(ids))
+            if logprobs is not None:
+                pieces = [self.table.token_bytes[t] or b"" for t in ids]
+                lines = op_confidences(pieces, logprobs[i][: len(ids)], data)
+                if scored:
+                    texts.append(_scored_lines(lines))
+                    continue
+                data, n = drop_unsure_ops(lines, min_prob)
+                dropped += n
+            texts.append(finish_program(data.decode("utf-8", "replace"), self.config.stop, True))
         stats = {
             "batches": 1,
             "rows": real,
@@ -285,5 +317,18 @@ class HFBackend:
             "fallback_rows": processor.fallbacks if processor is not None else 0,
             "steps": int(out.shape[1] - input_ids.shape[1]),
             "constraint_seconds": processor.seconds if processor is not None else 0.0,
+            "dropped_ops": dropped,
         }
         return texts, stats
+
+
+def _scored_lines(lines: Sequence[tuple[bytes, float]]) -> list[tuple[str, float]]:
+    """The operation lines up to the program's end (a blank line) with their confidences;
+    an empty program is ``keep_all()``, which the model did not write (confidence 1)."""
+    out: list[tuple[str, float]] = []
+    for line, prob in lines:
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        if not text.strip():
+            break
+        out.append((text, prob))
+    return out or [(EMPTY_PROGRAM.strip(), 1.0)]

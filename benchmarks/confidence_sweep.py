@@ -1,0 +1,205 @@
+"""Choose ``refine.options.min_op_prob`` for a trained refine model, cross-validated.
+
+The model refines the validation documents of a ``refine_model_dev.py`` workdir once, with
+greedy constrained decoding, keeping every generated operation's confidence (the lowest
+model probability of its tokens: ``HFBackend.generate_with_confidence``). Each threshold is
+then replayed without generating again: operations under it are dropped, chunk programs are
+merged per document exactly as the refine stage merges them (``refine_documents``),
+executed with the default guardrails and scored (snippet P/R/F1, bag-of-words F1).
+
+The threshold is chosen by 2-fold cross-validation over the documents (folds by a hash of the
+doc id): each fold is refined with the threshold that scored best on the other fold
+(objective: 0.75 snippet F1 + 0.25 bag-of-words F1, the consensus benchmark's), so the
+reported score never saw its own documents' gold::
+
+    python benchmarks/confidence_sweep.py --model models:/refinex-refiner/5 --write-benchmarks
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from report import cpu_model, load_average, write_section  # noqa: E402
+
+from refinex.evaluation import load_pages, score_outputs  # noqa: E402
+
+DEFAULT_PAGES = REPO.parent / "shared" / "data" / "webpages-dev.jsonl.gz"
+SECTION = "## Refine model: operation-confidence threshold (dev validation documents)"
+THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+class RecordingBackend:
+    """Generates through ``backend`` and keeps each chunk's operations with confidences."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.scored: dict[tuple[str, int], list[tuple[str, float]]] = {}
+
+    def generate(self, requests: Sequence[Any]) -> list[str]:
+        out = []
+        for request, ops in zip(requests, self.backend.generate_with_confidence(requests)):
+            self.scored[(request.prompt, request.first_line)] = ops
+            out.append("".join(line + "\n" for line, _ in ops))
+        return out
+
+
+class ReplayBackend:
+    """Returns the recorded programs without the operations under ``min_prob``."""
+
+    def __init__(self, scored: Mapping[tuple[str, int], list[tuple[str, float]]], min_prob: float) -> None:
+        self.scored = scored
+        self.min_prob = min_prob
+
+    def generate(self, requests: Sequence[Any]) -> list[str]:
+        out = []
+        for request in requests:
+            kept = [line for line, p in self.scored[(request.prompt, request.first_line)] if p >= self.min_prob]
+            out.append("".join(line + "\n" for line in kept) if kept else "keep_all()\n")
+        return out
+
+
+def fold_of(doc_id: str) -> int:
+    return hashlib.sha256(doc_id.encode("utf-8")).digest()[0] & 1
+
+
+def objective(scores: Mapping[str, Any]) -> float:
+    return 0.75 * scores["snippet"]["f1"] + 0.25 * scores["bow"]["f1"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model URI (models:/refinex-refiner/N or a checkpoint dir)")
+    parser.add_argument("--workdir", default="/tmp/refinex_refine_dev", help="refine_model_dev.py's workdir")
+    parser.add_argument("--pages", type=Path, default=DEFAULT_PAGES, help="dev pages (.jsonl.gz)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2)
+    parser.add_argument("--max-tokens", type=int, default=512, help="chunking.max_tokens the model was trained with")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    parser.add_argument("--limit", type=int, default=None, help="first N validation documents only (a smoke run)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw report here")
+    parser.add_argument("--write-benchmarks", action="store_true", help="update BENCHMARKS.md")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from refinex.chunking import hf_token_counter
+    from refinex.config import load_config
+    from refinex.model.backends import DecodeConfig
+    from refinex.model.backends.hf import HFBackend
+    from refinex.model.sft import VALIDATION, assign_split
+    from refinex.program import Guardrails, execute, parse
+    from refinex.spark.refine import refine_documents, resolve_model
+    from refinex.spark.session import get_spark
+    from refinex.spark.tables import read_table
+
+    started = time.perf_counter()
+    config = load_config("default", ["spark.master=local[2]", "spark.ui_enabled=false", "spark.log_level=ERROR",
+                                     f"sft.validation_fraction={args.validation_fraction}"])
+    workdir = str(Path(args.workdir).resolve())
+    spark = get_spark(config, workdir)
+    texts = {r["doc_id"]: r["text"] for r in read_table(spark, workdir, "documents").select("doc_id", "text").collect()
+             if assign_split(r["doc_id"], args.validation_fraction) == VALIDATION}
+    checkpoint = resolve_model(config, workdir, args.model).checkpoint
+    spark.stop()
+    backend = HFBackend.from_pretrained(checkpoint, DecodeConfig(max_new_tokens=config.refine.max_new_tokens,
+                                                                 batch_size=args.batch_size), dtype=args.dtype)
+    count = hf_token_counter(backend.tokenizer)
+    recorder = RecordingBackend(backend)
+    docs = sorted(texts.items())[: args.limit]
+    texts = dict(docs)
+    pages = [p for p in load_pages(args.pages) if p["id"] in texts]
+    generate_started = time.perf_counter()
+    for begin in tqdm(range(0, len(docs), 16), desc="refine (recording confidences)", unit="16 docs"):
+        refine_documents(recorder, count, docs[begin : begin + 16], args.max_tokens)
+    generate_s = time.perf_counter() - generate_started
+
+    guardrails = Guardrails(config.guardrails.max_error_ratio, config.guardrails.min_kept_chars)
+    outputs: dict[float, dict[str, str]] = {}
+    rows = []
+    for threshold in args.thresholds:
+        refined = refine_documents(ReplayBackend(recorder.scored, threshold), count, docs, args.max_tokens)
+        outputs[threshold] = {}
+        ratios, ops = [], 0
+        for row in refined:
+            result = execute(parse(row["program"]), texts[row["doc_id"]], guardrails)
+            outputs[threshold][row["doc_id"]] = result.text
+            ratios.append(result.deletion_ratio)
+            ops += row["n_ops"] - row["n_keep_all"]
+        scores = score_outputs(pages, outputs[threshold])
+        folds = [score_outputs([p for p in pages if fold_of(p["id"]) == k], outputs[threshold]) for k in (0, 1)]
+        rows.append({"threshold": threshold, "scores": scores, "folds": folds,
+                     "mean_deletion_ratio": statistics.fmean(ratios), "ops": ops})
+    chosen = []
+    for k in (0, 1):  # fold k is refined with the threshold that is best on the other fold
+        best = max(rows, key=lambda r: (objective(r["folds"][1 - k]), -r["threshold"]))
+        chosen.append(best["threshold"])
+    cv_texts = {doc_id: outputs[chosen[fold_of(doc_id)]][doc_id] for doc_id in texts}
+    report = {
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+        "command": " ".join(["python benchmarks/confidence_sweep.py", *(sys.argv[1:] if argv is None else argv)]),
+        "model": args.model,
+        "documents": len(docs),
+        "chunks": len(recorder.scored),
+        "generate_s": generate_s,
+        "wall_s": time.perf_counter() - started,
+        "load": load_average(),
+        "rows": rows,
+        "chosen": chosen,
+        "cross_validated": score_outputs(pages, cv_texts),
+    }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    section = render(report)
+    print(section)
+    if args.write_benchmarks:
+        write_section(REPO / "BENCHMARKS.md", section, SECTION)
+    return 0
+
+
+def render(report: Mapping[str, Any]) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Machine: {report['machine']}. Command: `{report['command']}` ({report['wall_s']:.0f} s wall-clock, of which "
+        f"{report['generate_s']:.0f} s generating; load average {report['load']} at the end).",
+        f"Model `{report['model']}` on the {report['documents']} validation documents ({report['chunks']} chunks), "
+        "greedy constrained decoding, generated once; each threshold drops the operations whose least likely token "
+        "had a lower probability, then the programs are merged, executed and scored like the refine stage's.",
+        "",
+        "| min_op_prob | operations | snippet P | snippet R | snippet F1 | bow F1 | mean deletion ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        s, b = row["scores"]["snippet"], row["scores"]["bow"]
+        lines.append(f"| {row['threshold']:g} | {row['ops']} | {s['precision']:.3f} | {s['recall']:.3f} | "
+                     f"**{s['f1']:.3f}** | {b['f1']:.3f} | {row['mean_deletion_ratio']:.3f} |")
+    cv = report["cross_validated"]
+    lines += [
+        "",
+        f"2-fold cross-validated (each half of the documents refined with the threshold chosen on the other half: "
+        f"{report['chosen'][0]:g} / {report['chosen'][1]:g}): snippet P {cv['snippet']['precision']:.3f}, "
+        f"R {cv['snippet']['recall']:.3f}, **F1 {cv['snippet']['f1']:.3f}**, bag-of-words F1 {cv['bow']['f1']:.3f}. "
+        "The rows above are scored on all validation documents, so the best row is an optimistic figure; the "
+        "cross-validated one is not.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
