@@ -354,6 +354,25 @@ def reading(report: Mapping[str, Any], rates: Sequence[float], fallback: Sequenc
     return text.rstrip()
 
 
+def merge_reports(report: Mapping[str, Any], earlier: Mapping[str, Any]) -> dict[str, Any]:
+    """``report`` plus the variants of ``earlier`` it does not have (marked ``earlier_run``),
+    and ``earlier``'s SmolLM2 probe when ``report`` has none."""
+    merged = json.loads(json.dumps(report))
+    names = {v["name"] for v in merged["variants"]}
+    for variant in earlier["variants"]:
+        if variant["name"] in names:
+            continue
+        merged["variants"].append({**variant, "earlier_run": True})
+        for mode in variant["refine"]:
+            key = f"{variant['name']}/{mode}"
+            merged["scores"][key] = earlier["scores"][key]
+            merged["models"][key] = earlier["models"][key]
+    if not merged.get("smollm2") and earlier.get("smollm2"):
+        merged["smollm2"] = {**earlier["smollm2"], "earlier_run": True}
+    merged["earlier_command"] = earlier["command"]
+    return merged
+
+
 def render(report: Mapping[str, Any]) -> str:
     """The BENCHMARKS.md section."""
     scores, ratios = report["scores"], report["ratios"]
@@ -381,8 +400,9 @@ def render(report: Mapping[str, Any]) -> str:
             key = f"{variant['name']}/{mode}"
             model = report["models"][key]
             invalid = f"{model['invalid_docs']}/{model['documents']} ({100 * (model['invalid_rate'] or 0):.1f}%)"
-            lines.append(_row(f"refine model {variant['name']}, {mode}", scores[key], model["mean_deletion_ratio"],
-                              invalid))
+            mark = " (earlier run †)" if variant.get("earlier_run") else ""
+            lines.append(_row(f"refine model {variant['name']}, {mode}{mark}", scores[key],
+                              model["mean_deletion_ratio"], invalid))
     lines += [
         "",
         "| model | base, settings | train pairs | steps | train s | validation loss (start -> end) "
@@ -396,12 +416,19 @@ def render(report: Mapping[str, Any]) -> str:
         settings = ", ".join(f"{k}={v}" for k, v in variant["overrides"].items()) or "defaults"
         c, u = runs.get("constrained", {}), runs.get("unconstrained", {})
         lines.append(
-            f"| {variant['name']} ({train['model_uri']}) | {train['base']}, {settings} | {train['train_pairs']} "
+            f"| {variant['name']}{' †' if variant.get('earlier_run') else ''} ({train['model_uri']}) "
+            f"| {train['base']}, {settings} | {train['train_pairs']} "
             f"| {int(train['steps'])} | {train['train_seconds']:.0f} | {loss} | {_metric(train, 'val_line_f1')} / "
             f"{_metric(train, 'val_char_f1')} "
             f"| {_metric(c, 'docs_per_s', 2)} / {_metric(u, 'docs_per_s', 2)} | {c.get('chunks', u.get('chunks'))} "
             f"| {c.get('invalid_chunks', '-')} / {u.get('invalid_chunks', '-')} |"
         )
+    if any(v.get("earlier_run") for v in report["variants"]):
+        lines += ["", f"† Merged from an earlier run of this script (`{report['earlier_command']}`), before the "
+                  "distiller stopped spending operations on blank lines: those models were trained on the earlier "
+                  "programs (4.4 times as many operations, most of them single blank-line deletions); the other rows "
+                  "are this run's" + (", the SmolLM2 step timing below is the earlier run's." if
+                                     (report.get("smollm2") or {}).get("earlier_run") else ".")]
     probe = report.get("smollm2")
     lines.append("")
     if probe:
@@ -457,9 +484,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the raw report here")
     parser.add_argument("--render-json", type=Path, default=None,
                         help="only render the section from a report written by --json (no Spark, no models)")
+    parser.add_argument("--merge-json", type=Path, default=None,
+                        help="with --render-json: add the variants (and SmolLM2 timing) of this earlier report that "
+                             "the rendered one lacks, marked as an earlier run's")
     args = parser.parse_args(argv)
     if args.render_json:
-        section = render(json.loads(args.render_json.read_text(encoding="utf-8")))
+        report = json.loads(args.render_json.read_text(encoding="utf-8"))
+        if args.merge_json:
+            report = merge_reports(report, json.loads(args.merge_json.read_text(encoding="utf-8")))
+        section = render(report)
         print(section)
         if args.write_benchmarks:
             write_section(REPO / "BENCHMARKS.md", section, SECTION)

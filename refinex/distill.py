@@ -68,12 +68,12 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from itertools import chain, repeat
 from operator import itemgetter
-from collections.abc import Hashable, Sequence
-from typing import Optional
+from collections.abc import Hashable, MutableSequence, Sequence
+from typing import Any, Optional
 
 from refinex.program.ops import KeepAll, Op, Program, RemoveLines, RemoveStr
 
-__all__ = ["Distillation", "distill", "distill_report"]
+__all__ = ["Distillation", "distill", "distill_report", "settle_blank_lines"]
 
 Span = tuple[int, int]  # half-open character span inside one line
 
@@ -223,25 +223,25 @@ def _content_lines(text: str) -> list[str]:
     return [line for line in text.split("\n") if line.strip()]
 
 
-def _settle_blank_lines(raw_lines: list[str], removed: bytearray, spans: dict[int, list[Span]]) -> None:
-    """Give each blank line the fate of the nearest non-blank line above it (below it, for
-    the blank lines that open the document), in place; blank lines keep no spans."""
+def settle_blank_lines(lines: Sequence[str], removed: MutableSequence[Any]) -> None:
+    """Give each blank (whitespace-only) line the removal flag of the nearest non-blank line
+    above it (below it, for the blank lines that open the document), in place; in a
+    document without a non-blank line they all stay. The distiller's rule for blank lines
+    (step 7 of the module's description), shared with the line tagger."""
     leading: list[int] = []
-    previous: Optional[int] = None  # removed flag of the last non-blank line
-    for i, line in enumerate(raw_lines):
+    previous: Any = None  # removal flag of the last non-blank line
+    for i, line in enumerate(lines):
         if line.strip():
             for j in leading:
                 removed[j] = removed[i]
             leading = []
             previous = removed[i]
+        elif previous is None:
+            leading.append(i)
         else:
-            spans.pop(i, None)
-            if previous is None:
-                leading.append(i)
-            else:
-                removed[i] = previous
-    for j in leading:  # no non-blank line at all: nothing to follow, so they stay
-        removed[j] = 0
+            removed[i] = previous
+    for j in leading:
+        removed[j] = type(removed[j])(0)
 
 
 # --- sequence alignment ---------------------------------------------------------------------
@@ -966,7 +966,9 @@ def _finish(raw_lines: list[str], plan: _Plan) -> tuple[Program, str]:
     ops: list[Op] = []
     kept: list[str] = []
     n = len(raw_lines)
-    _settle_blank_lines(raw_lines, plan.removed, plan.spans)
+    settle_blank_lines(raw_lines, plan.removed)
+    for i in [i for i in plan.spans if not raw_lines[i].strip()]:  # blank lines keep no spans
+        del plan.spans[i]
     budget = _Budget(_SEARCH_WORK)
     i = 0
     while i < n:

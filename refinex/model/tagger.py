@@ -4,9 +4,11 @@ Each line of a document is classified as kept or removed. Training labels come f
 programs (distilled or expert): a line is removed when an in-range ``remove_lines`` covers
 it; ``remove_str`` edits count as kept. Features are the line's hashed word 1-2 grams
 (``HashingVectorizer``, stateless) plus a few dense layout features (length, position,
-character classes, neighbours' lengths, repetition within the document). Predictions turn
-into a program: each run of consecutive removed lines becomes one ``remove_lines``;
-nothing removed is ``keep_all()``. The refine model must beat this baseline.
+character classes, neighbours' lengths, repetition within the document). Blank lines are
+layout, as for the distiller: the tagger neither learns from them nor classifies them; each
+follows the nearest non-blank line above it (``refinex.distill.settle_blank_lines``).
+Predictions turn into a program: each run of consecutive removed lines becomes one
+``remove_lines``; nothing removed is ``keep_all()``. The refine model must beat this baseline.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from refinex.distill import settle_blank_lines
 from refinex.evaluation.scores import ratio
 from refinex.program import parse
 from refinex.program.ops import KeepAll, Program, RemoveLines
@@ -166,6 +169,10 @@ class LineTagger:
             raise ValueError("no training documents")
         docs_lines = [raw.split("\n") for raw, _ in docs]
         labels = np.array([flag for raw, program in docs for flag in line_labels(raw, program)], dtype=np.int64)
+        filled = np.array([bool(line.strip()) for lines in docs_lines for line in lines], dtype=bool)
+        if not filled.any():
+            raise ValueError("no non-blank line in the training documents")
+        labels = labels[filled]
         classes = set(labels.tolist())
         if len(classes) == 1:
             self.classifier, self.constant = None, bool(labels[0])
@@ -173,7 +180,7 @@ class LineTagger:
         classifier = LogisticRegression(
             C=self.C, solver="liblinear", max_iter=self.max_iter, class_weight=self.class_weight
         )
-        classifier.fit(self.features(docs_lines), labels)
+        classifier.fit(self.features(docs_lines)[filled], labels)
         self.classifier, self.constant = classifier, None
         return self
 
@@ -190,8 +197,10 @@ class LineTagger:
         return self.classifier.predict_proba(self.features([lines]))[:, 1]
 
     def predict_lines(self, raw: str) -> list[bool]:
-        """Per line of ``raw``: whether it is removed."""
-        return [bool(p > self.threshold) for p in self.predict_proba(raw)]
+        """Per line of ``raw``: whether it is removed (blank lines follow the line above)."""
+        removed = [bool(p > self.threshold) for p in self.predict_proba(raw)]
+        settle_blank_lines(raw.split("\n"), removed)
+        return removed
 
     def predict_program(self, raw: str) -> Program:
         """The tagger's program for ``raw`` (only ``remove_lines``, or ``keep_all()``)."""

@@ -126,3 +126,12 @@ def test_single_class_training_and_unfitted_use() -> None:
         LineTagger().fit([])
     with pytest.raises(ValueError):
         LineTagger(threshold=1.5)
+
+
+def test_blank_lines_follow_the_line_above(tagger: LineTagger) -> None:
+    raw = ("\nShare on Facebook\n\n"
+           "The museum planned a new wing for modern art, officials said on Monday.\n\n \nShare on Facebook")
+    assert tagger.predict_lines(raw) == [True, True, True, False, False, False, True]
+    assert tagger.predict_program(raw) == Program((RemoveLines(0, 2), RemoveLines(6, 6)))
+    with pytest.raises(ValueError, match="no non-blank line"):
+        LineTagger().fit([("\n  \n", "remove_lines(0, 1)")])
