@@ -359,8 +359,14 @@ def merge_reports(report: Mapping[str, Any], earlier: Mapping[str, Any]) -> dict
     and ``earlier``'s SmolLM2 probe when ``report`` has none."""
     merged = json.loads(json.dumps(report))
     names = {v["name"] for v in merged["variants"]}
+    merged["superseded"] = {}
     for variant in earlier["variants"]:
-        if variant["name"] in names:
+        if variant["name"] in names:  # this run's replaces it; keep its headline for comparison
+            key = f"{variant['name']}/constrained"
+            if key in earlier["scores"]:
+                merged["superseded"][variant["name"]] = {
+                    "snippet_f1": earlier["scores"][key]["snippet"]["f1"], "bow_f1": earlier["scores"][key]["bow"]["f1"],
+                    "docs_per_s": variant["refine"]["constrained"].get("docs_per_s")}
             continue
         merged["variants"].append({**variant, "earlier_run": True})
         for mode in variant["refine"]:
@@ -429,6 +435,10 @@ def render(report: Mapping[str, Any]) -> str:
                   "programs (4.4 times as many operations, most of them single blank-line deletions); the other rows "
                   "are this run's" + (", the SmolLM2 step timing below is the earlier run's." if
                                      (report.get("smollm2") or {}).get("earlier_run") else ".")]
+        for name, old in (report.get("superseded") or {}).items():
+            speed = f" at {old['docs_per_s']:.2f} docs/s" if old.get("docs_per_s") else ""
+            lines[-1] += (f" In that run, {name} trained on the earlier programs scored snippet F1 "
+                          f"{old['snippet_f1']:.3f} and bag-of-words F1 {old['bow_f1']:.3f}{speed} (constrained).")
     probe = report.get("smollm2")
     lines.append("")
     if probe:
