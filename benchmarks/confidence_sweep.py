@@ -59,17 +59,22 @@ class RecordingBackend:
 
 
 class ReplayBackend:
-    """Returns the recorded programs without the operations under ``min_prob``."""
+    """Returns the recorded programs without the operations under ``min_prob``, filtered
+    by the backend's own ``drop_unsure_ops`` and ``finish_program``."""
 
     def __init__(self, scored: Mapping[tuple[str, int], list[tuple[str, float]]], min_prob: float) -> None:
         self.scored = scored
         self.min_prob = min_prob
 
     def generate(self, requests: Sequence[Any]) -> list[str]:
+        from refinex.model.backends import DEFAULT_STOP, finish_program
+        from refinex.model.constrained import drop_unsure_ops
+
         out = []
         for request in requests:
-            kept = [line for line, p in self.scored[(request.prompt, request.first_line)] if p >= self.min_prob]
-            out.append("".join(line + "\n" for line in kept) if kept else "keep_all()\n")
+            lines = [((line + "\n").encode("utf-8"), p) for line, p in self.scored[(request.prompt, request.first_line)]]
+            data, _ = drop_unsure_ops(lines, self.min_prob)
+            out.append(finish_program(data.decode("utf-8"), DEFAULT_STOP, True))
         return out
 
 

@@ -331,8 +331,9 @@ def reading(report: Mapping[str, Any], rates: Sequence[float], fallback: Sequenc
     scores = report["scores"]
     tiny = [v for v in report["variants"] if str(v["train"]["base"]).startswith("tiny")]
     pretrained = [v for v in report["variants"] if v not in tiny]
-    text = ("Reading it plainly: grammar-constrained decoding does what it promises (0 invalid chunks, against "
-            f"{100 * min(rates):.0f}-{100 * max(rates):.0f}% of the chunks without it). ")
+    text = "Reading it plainly: grammar-constrained decoding does what it promises (0 invalid chunks"
+    text += (f", against {100 * min(rates):.0f}-{100 * max(rates):.0f}% of the chunks without it). " if rates
+             else "; no variant ran without it here). ")
     if tiny:
         text += ("A ~1M-parameter model trained from scratch on a CPU has not learned *which* lines to delete: "
                  "forced to write valid programs, it deletes far too much (mean deletion ratio above the oracle's). "
@@ -354,9 +355,10 @@ def reading(report: Mapping[str, Any], rates: Sequence[float], fallback: Sequenc
     return text.rstrip()
 
 
-def merge_reports(report: Mapping[str, Any], earlier: Mapping[str, Any]) -> dict[str, Any]:
+def merge_reports(report: Mapping[str, Any], earlier: Mapping[str, Any], note: str = "") -> dict[str, Any]:
     """``report`` plus the variants of ``earlier`` it does not have (marked ``earlier_run``),
-    and ``earlier``'s SmolLM2 probe when ``report`` has none."""
+    and ``earlier``'s SmolLM2 probe when ``report`` has none; ``note`` says how the earlier
+    run differs (rendered with the † footnote)."""
     merged = json.loads(json.dumps(report))
     names = {v["name"] for v in merged["variants"]}
     merged["superseded"] = {}
@@ -376,6 +378,7 @@ def merge_reports(report: Mapping[str, Any], earlier: Mapping[str, Any]) -> dict
     if not merged.get("smollm2") and earlier.get("smollm2"):
         merged["smollm2"] = {**earlier["smollm2"], "earlier_run": True}
     merged["earlier_command"] = earlier["command"]
+    merged["earlier_note"] = note
     return merged
 
 
@@ -430,11 +433,11 @@ def render(report: Mapping[str, Any]) -> str:
             f"| {c.get('invalid_chunks', '-')} / {u.get('invalid_chunks', '-')} |"
         )
     if any(v.get("earlier_run") for v in report["variants"]):
-        lines += ["", f"† Merged from an earlier run of this script (`{report['earlier_command']}`), before the "
-                  "distiller stopped spending operations on blank lines: those models were trained on the earlier "
-                  "programs (4.4 times as many operations, most of them single blank-line deletions); the other rows "
-                  "are this run's" + (", the SmolLM2 step timing below is the earlier run's." if
-                                     (report.get("smollm2") or {}).get("earlier_run") else ".")]
+        note = report.get("earlier_note")
+        lines += ["", f"† Merged from an earlier run of this script (`{report['earlier_command']}`)"
+                  + (f", {note}" if note else "") + "; the other rows are this run's"
+                  + (", the SmolLM2 step timing below is the earlier run's." if
+                     (report.get("smollm2") or {}).get("earlier_run") else ".")]
         for name, old in (report.get("superseded") or {}).items():
             speed = f" at {old['docs_per_s']:.2f} docs/s" if old.get("docs_per_s") else ""
             lines[-1] += (f" In that run, {name} trained on the earlier programs scored snippet F1 "
@@ -459,7 +462,7 @@ def render(report: Mapping[str, Any]) -> str:
         )
     unconstrained = [v for v in report["variants"] if "unconstrained" in v["refine"]]
     rates = [v["refine"]["unconstrained"]["invalid_chunks"] / max(1, v["refine"]["unconstrained"]["chunks"])
-             for v in unconstrained] or [0.0]
+             for v in unconstrained]
     fallback = [report["models"][f"{v['name']}/unconstrained"]["statuses"].get("fallback_raw", 0)
                 for v in unconstrained] or [0]
     lines += [
@@ -497,11 +500,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--merge-json", type=Path, default=None,
                         help="with --render-json: add the variants (and SmolLM2 timing) of this earlier report that "
                              "the rendered one lacks, marked as an earlier run's")
+    parser.add_argument("--merge-note", default="",
+                        help="with --merge-json: how the earlier run differs (goes into the footnote)")
     args = parser.parse_args(argv)
     if args.render_json:
         report = json.loads(args.render_json.read_text(encoding="utf-8"))
         if args.merge_json:
-            report = merge_reports(report, json.loads(args.merge_json.read_text(encoding="utf-8")))
+            report = merge_reports(report, json.loads(args.merge_json.read_text(encoding="utf-8")), args.merge_note)
         section = render(report)
         print(section)
         if args.write_benchmarks:

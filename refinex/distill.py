@@ -167,23 +167,23 @@ def distill_report(raw: str, refined: str) -> Distillation:
     raw_lines = raw.split("\n")
     ref_content = _content_lines(refined)
     if raw == refined:
-        return _report(raw, refined, Program((KeepAll(),)), raw, 0, 0)
+        return _report(raw, refined, ref_content, Program((KeepAll(),)), raw, 0, 0)
     if not ref_content:  # nothing but blank lines is left: all of it goes
-        return _report(raw, refined, Program((RemoveLines(0, len(raw_lines) - 1),)), "", 0, 0)
+        return _report(raw, refined, ref_content, Program((RemoveLines(0, len(raw_lines) - 1),)), "", 0, 0)
     if _content_lines(raw) == ref_content:  # blank lines differ at most
-        return _report(raw, refined, Program((KeepAll(),)), raw, 0, 0)
+        return _report(raw, refined, ref_content, Program((KeepAll(),)), raw, 0, 0)
     if _norm(raw) == _norm(refined):  # only whitespace inside lines differs
-        return _report(raw, refined, Program((KeepAll(),)), raw, 0, 0)
+        return _report(raw, refined, ref_content, Program((KeepAll(),)), raw, 0, 0)
 
     ref_lines = refined.split("\n")
     plan = _main_plan(raw_lines, ref_lines)
     program, out = _finish(raw_lines, plan)
     if _content_lines(out) == ref_content:
-        return _report(raw, refined, program, out, plan.inserted, plan.replaced)
+        return _report(raw, refined, ref_content, program, out, plan.inserted, plan.replaced)
     exact = _exact_program(raw_lines, ref_content)
     if exact is not None:
-        return _report(raw, refined, *exact, 0, 0)
-    return _report(raw, refined, program, out, plan.inserted, plan.replaced)
+        return _report(raw, refined, ref_content, *exact, 0, 0)
+    return _report(raw, refined, ref_content, program, out, plan.inserted, plan.replaced)
 
 
 def _exact_program(raw_lines: list[str], ref_content: list[str]) -> Optional[tuple[Program, str]]:
@@ -201,8 +201,9 @@ def _exact_program(raw_lines: list[str], ref_content: list[str]) -> Optional[tup
 
 
 def _report(
-    raw: str, refined: str, program: Program, out: str, inserted: int, replaced: int
+    raw: str, refined: str, ref_content: list[str], program: Program, out: str, inserted: int, replaced: int
 ) -> Distillation:
+    """``ref_content``: the non-blank lines of ``refined`` (what ``exact`` compares)."""
     return Distillation(
         program=program,
         kept_chars=len(out),
@@ -210,7 +211,7 @@ def _report(
         inserted_chars=inserted,
         replaced_chars=replaced,
         unrepresentable_ratio=inserted / max(1, len(refined)),
-        exact=_content_lines(out) == _content_lines(refined),
+        exact=_content_lines(out) == ref_content,
     )
 
 
@@ -241,7 +242,7 @@ def settle_blank_lines(lines: Sequence[str], removed: MutableSequence[Any]) -> N
         else:
             removed[i] = previous
     for j in leading:
-        removed[j] = type(removed[j])(0)
+        removed[j] = False
 
 
 # --- sequence alignment ---------------------------------------------------------------------

@@ -883,7 +883,6 @@ class ProgramLogitsProcessor(_logits_processor_base()):  # type: ignore[misc]
         # In place: generate hands processors a fresh float32 copy of the logits.
         return scores.fill_(neg_inf).scatter_(1, chosen_index, kept)
 
-
     def token_logprobs(self) -> list[list[float]]:
         """Per row, the recorded log-probability of each generated token (``record=True``)."""
         if not self._logprobs:
