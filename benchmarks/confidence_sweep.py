@@ -1,4 +1,7 @@
-"""Choose ``refine.options.min_op_prob`` for a trained refine model, cross-validated.
+"""Choose how a trained refine model decodes the chunks it is unsure of, cross-validated:
+``refine.options.min_op_prob`` (drop unsure operations) and, with ``--votes N``,
+``refine.options.votes`` / ``vote_threshold`` / ``vote_below`` (line votes over N sampled
+programs).
 
 The model refines the validation documents of a ``refine_model_dev.py`` workdir once, with
 greedy constrained decoding, keeping every generated operation's confidence (the lowest
@@ -7,12 +10,18 @@ then replayed without generating again: operations under it are dropped, chunk p
 merged per document exactly as the refine stage merges them (``refine_documents``),
 executed with the default guardrails and scored (snippet P/R/F1, bag-of-words F1).
 
-The threshold is chosen by 2-fold cross-validation over the documents (folds by a hash of the
-doc id): each fold is refined with the threshold that scored best on the other fold
+With ``--votes N``, every chunk whose greedy program has an operation under the largest
+``--vote-below`` is also sampled N times (``HFBackend.sample_programs``, the prompt run once)
+and each (``vote_below``, ``vote_threshold``) pair is replayed: chunks under ``vote_below``
+get ``vote_program`` over their samples, the others keep the greedy program; exactly what
+the backend does with those options, up to the samples' random draws.
+
+Each knob's setting is chosen by 2-fold cross-validation over the documents (folds by a hash
+of the doc id): each fold is refined with the setting that scored best on the other fold
 (objective: 0.75 snippet F1 + 0.25 bag-of-words F1, the consensus benchmark's), so the
 reported score never saw its own documents' gold::
 
-    python benchmarks/confidence_sweep.py --model models:/refinex-refiner/5 --write-benchmarks
+    python benchmarks/confidence_sweep.py --model models:/refinex-refiner/5 --votes 8 --write-benchmarks
 """
 from __future__ import annotations
 
@@ -41,6 +50,8 @@ from refinex.evaluation import load_pages, score_outputs  # noqa: E402
 DEFAULT_PAGES = REPO.parent / "shared" / "data" / "webpages-dev.jsonl.gz"
 SECTION = "## Refine model: operation-confidence threshold (dev validation documents)"
 THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+VOTE_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8)
+VOTE_BELOW = (0.5, 0.7, 0.9, 0.95, 1.0)
 
 
 class RecordingBackend:
@@ -49,11 +60,13 @@ class RecordingBackend:
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.scored: dict[tuple[str, int], list[tuple[str, float]]] = {}
+        self.requests: list[Any] = []
 
     def generate(self, requests: Sequence[Any]) -> list[str]:
         out = []
         for request, ops in zip(requests, self.backend.generate_with_confidence(requests)):
             self.scored[(request.prompt, request.first_line)] = ops
+            self.requests.append(request)
             out.append("".join(line + "\n" for line, _ in ops))
         return out
 
@@ -78,6 +91,33 @@ class ReplayBackend:
         return out
 
 
+class VoteReplayBackend:
+    """The recorded greedy programs, with the chunks under ``below`` replaced by
+    ``vote_program`` over their recorded samples."""
+
+    def __init__(
+        self,
+        scored: Mapping[tuple[str, int], list[tuple[str, float]]],
+        samples: Mapping[tuple[str, int], list[str]],
+        below: float,
+        threshold: float,
+    ) -> None:
+        self.scored, self.samples, self.below, self.threshold = scored, samples, below, threshold
+
+    def generate(self, requests: Sequence[Any]) -> list[str]:
+        from refinex.model.voting import vote_program
+
+        out = []
+        for request in requests:
+            key = (request.prompt, request.first_line)
+            ops = self.scored[key]
+            if min(p for _, p in ops) < self.below:
+                out.append(vote_program(self.samples[key], request.first_line, request.lines, self.threshold))
+            else:
+                out.append("".join(line + "\n" for line, _ in ops))
+        return out
+
+
 def fold_of(doc_id: str) -> int:
     return hashlib.sha256(doc_id.encode("utf-8")).digest()[0] & 1
 
@@ -96,6 +136,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    parser.add_argument("--votes", type=int, default=0, help="also sweep line-vote decoding with this many samples")
+    parser.add_argument("--vote-thresholds", type=float, nargs="+", default=list(VOTE_THRESHOLDS))
+    parser.add_argument("--vote-below", type=float, nargs="+", default=list(VOTE_BELOW))
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the votes")
     parser.add_argument("--limit", type=int, default=None, help="first N validation documents only (a smoke run)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw report here")
     parser.add_argument("--write-benchmarks", action="store_true", help="update BENCHMARKS.md")
@@ -134,27 +178,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         refine_documents(recorder, count, docs[begin : begin + 16], args.max_tokens)
     generate_s = time.perf_counter() - generate_started
 
+    samples: dict[tuple[str, int], list[str]] = {}
+    sample_s = 0.0
+    if args.votes:
+        sampler = HFBackend(backend.model, backend.tokenizer, DecodeConfig(
+            max_new_tokens=config.refine.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature))
+        requests = {(r.prompt, r.first_line): r for r in recorder.requests}
+        unsure = sorted((key for key, ops in recorder.scored.items() if min(p for _, p in ops) < max(args.vote_below)),
+                        key=lambda key: min(p for _, p in recorder.scored[key]))
+        sample_started = time.perf_counter()
+        step = max(1, args.batch_size // args.votes) * 8
+        for begin in tqdm(range(0, len(unsure), step), desc=f"sample {args.votes} programs per unsure chunk",
+                          unit=f"{step} chunks"):
+            keys = unsure[begin : begin + step]
+            for key, texts_ in zip(keys, sampler.sample_programs([requests[k] for k in keys], args.votes)):
+                samples[key] = texts_
+        sample_s = time.perf_counter() - sample_started
+
     guardrails = Guardrails(config.guardrails.max_error_ratio, config.guardrails.min_kept_chars)
-    outputs: dict[float, dict[str, str]] = {}
-    rows = []
-    for threshold in args.thresholds:
-        refined = refine_documents(ReplayBackend(recorder.scored, threshold), count, docs, args.max_tokens)
-        outputs[threshold] = {}
+
+    def replay(replay_backend: Any) -> tuple[dict[str, str], dict[str, Any]]:
+        refined = refine_documents(replay_backend, count, docs, args.max_tokens)
+        out: dict[str, str] = {}
         ratios, ops = [], 0
         for row in refined:
             result = execute(parse(row["program"]), texts[row["doc_id"]], guardrails)
-            outputs[threshold][row["doc_id"]] = result.text
+            out[row["doc_id"]] = result.text
             ratios.append(result.deletion_ratio)
             ops += row["n_ops"] - row["n_keep_all"]
-        scores = score_outputs(pages, outputs[threshold])
-        folds = [score_outputs([p for p in pages if fold_of(p["id"]) == k], outputs[threshold]) for k in (0, 1)]
-        rows.append({"threshold": threshold, "scores": scores, "folds": folds,
-                     "mean_deletion_ratio": statistics.fmean(ratios), "ops": ops})
-    chosen = []
-    for k in (0, 1):  # fold k is refined with the threshold that is best on the other fold
-        best = max(rows, key=lambda r: (objective(r["folds"][1 - k]), -r["threshold"]))
-        chosen.append(best["threshold"])
-    cv_texts = {doc_id: outputs[chosen[fold_of(doc_id)]][doc_id] for doc_id in texts}
+        folds = [score_outputs([p for p in pages if fold_of(p["id"]) == k], out) for k in (0, 1)]
+        return out, {"scores": score_outputs(pages, out), "folds": folds,
+                     "mean_deletion_ratio": statistics.fmean(ratios), "ops": ops}
+
+    def cross_validate(rows: list[dict[str, Any]], outputs: list[dict[str, str]], key: Any) -> tuple[list[Any], Any]:
+        """Per fold, the setting best on the other fold (ties: ``key``'s smallest), and the
+        scores of the documents each refined with its fold's setting."""
+        chosen = []
+        for k in (0, 1):
+            chosen.append(max(range(len(rows)), key=lambda i: (objective(rows[i]["folds"][1 - k]), key(rows[i]))))
+        cv_texts = {doc_id: outputs[chosen[fold_of(doc_id)]][doc_id] for doc_id in texts}
+        return chosen, score_outputs(pages, cv_texts)
+
+    rows, outputs = [], []
+    for threshold in args.thresholds:
+        out, row = replay(ReplayBackend(recorder.scored, threshold))
+        rows.append({"threshold": threshold, **row})
+        outputs.append(out)
+    chosen_rows, cross_validated = cross_validate(rows, outputs, lambda r: -r["threshold"])
+    chosen = [rows[i]["threshold"] for i in chosen_rows]
+    vote_rows: list[dict[str, Any]] = []
+    vote_cv: Optional[dict[str, Any]] = None
+    if args.votes:
+        vote_outputs = []
+        for below in args.vote_below:
+            n_voted = sum(1 for ops in recorder.scored.values() if min(p for _, p in ops) < below)
+            for threshold in args.vote_thresholds:
+                out, row = replay(VoteReplayBackend(recorder.scored, samples, below, threshold))
+                vote_rows.append({"below": below, "threshold": threshold, "voted_chunks": n_voted, **row})
+                vote_outputs.append(out)
+        # ties: fewer voted chunks (cheaper), then the lower threshold
+        picked, scores = cross_validate(vote_rows, vote_outputs, lambda r: (-r["below"], -r["threshold"]))
+        vote_cv = {"chosen": [{"below": vote_rows[i]["below"], "threshold": vote_rows[i]["threshold"]} for i in picked],
+                   "scores": scores}
     report = {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "command": " ".join(["python benchmarks/confidence_sweep.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -162,11 +247,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "documents": len(docs),
         "chunks": len(recorder.scored),
         "generate_s": generate_s,
+        "votes": args.votes,
+        "temperature": args.temperature,
+        "sampled_chunks": len(samples),
+        "sample_s": sample_s,
         "wall_s": time.perf_counter() - started,
         "load": load_average(),
         "rows": rows,
         "chosen": chosen,
-        "cross_validated": score_outputs(pages, cv_texts),
+        "cross_validated": cross_validated,
+        "vote_rows": vote_rows,
+        "vote_cross_validated": vote_cv,
     }
     if args.json:
         args.json.write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -203,6 +294,30 @@ def render(report: Mapping[str, Any]) -> str:
         "The rows above are scored on all validation documents, so the best row is an optimistic figure; the "
         "cross-validated one is not.",
     ]
+    vote_cv = report.get("vote_cross_validated")
+    if report.get("votes") and vote_cv:
+        lines += [
+            "",
+            f"Line-vote decoding (`refine.options.votes={report['votes']}`): the {report['sampled_chunks']} chunks whose "
+            f"greedy program has an operation under the largest `vote_below` were each sampled {report['votes']} times "
+            f"(temperature {report['temperature']:g}, constrained; {report['sample_s']:.0f} s); a chunk under "
+            "`vote_below` gets the lines that at least `vote_threshold` of its samples delete, the others keep their "
+            "greedy program.",
+            "",
+            "| vote_below | voted chunks | vote_threshold | snippet P | snippet R | snippet F1 | bow F1 | mean deletion ratio |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in report["vote_rows"]:
+            s, b = row["scores"]["snippet"], row["scores"]["bow"]
+            lines.append(f"| {row['below']:g} | {row['voted_chunks']} | {row['threshold']:g} | {s['precision']:.3f} | "
+                         f"{s['recall']:.3f} | **{s['f1']:.3f}** | {b['f1']:.3f} | {row['mean_deletion_ratio']:.3f} |")
+        chosen = " / ".join(f"vote_below {c['below']:g}, vote_threshold {c['threshold']:g}" for c in vote_cv["chosen"])
+        v = vote_cv["scores"]
+        lines += [
+            "",
+            f"2-fold cross-validated ({chosen}): snippet P {v['snippet']['precision']:.3f}, "
+            f"R {v['snippet']['recall']:.3f}, **F1 {v['snippet']['f1']:.3f}**, bag-of-words F1 {v['bow']['f1']:.3f}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,8 @@ and the counts of invalid output go to ``model_outputs``.
 ``origin_version`` is ``<registered name>/<version>`` for registry models, the directory
 name plus a weights digest for local checkpoints, with ``+unconstrained`` appended when
 constrained decoding is off (``+minp<p>`` when ``refine.options.min_op_prob`` drops the
-operations the model is unsure of). Documents that already have a program of that version are
+operations the model is unsure of, ``+vote<n>t<threshold>[b<below>]`` when
+``refine.options.votes`` decides unsure chunks by a line vote over sampled programs). Documents that already have a program of that version are
 skipped unless ``force``.
 """
 from __future__ import annotations
@@ -119,12 +120,24 @@ def _weights_digest(checkpoint: Path) -> str:
 
 
 def decoding_suffix(config: Config, constrained: bool) -> str:
-    """What ``origin_version`` appends for the decoding: ``+unconstrained``, or ``+minp<p>``
-    when operations under ``refine.options.min_op_prob`` are dropped, else nothing."""
+    """What ``origin_version`` appends for the decoding: ``+unconstrained``, ``+minp<p>``
+    when operations under ``refine.options.min_op_prob`` are dropped, ``+vote<n>t<t>``
+    (``b<below>`` when not every chunk is voted on) for line-vote decoding, else nothing.
+    The sampling temperature and top_p of the votes are part of it when not 1."""
     if not constrained:
         return UNCONSTRAINED_SUFFIX
-    min_prob = float(config.refine.options.get("min_op_prob") or 0.0)
-    return f"+minp{min_prob:g}" if min_prob > 0 else ""
+    options = config.refine.options
+    min_prob = float(options.get("min_op_prob") or 0.0)
+    suffix = f"+minp{min_prob:g}" if min_prob > 0 else ""
+    votes = int(options.get("votes") or 0)
+    if votes > 0:
+        suffix += f"+vote{votes}t{float(options.get('vote_threshold', 0.5)):g}"
+        below = float(options.get("vote_below", 1.0))
+        suffix += f"b{below:g}" if below < 1 else ""
+        for key, tag in (("temperature", "T"), ("top_p", "p")):
+            value = float(options.get(key, 1.0))
+            suffix += f"{tag}{value:g}" if value != 1 else ""
+    return suffix
 
 
 def resolve_model(config: Config, workdir: str, model_uri: str, constrained: bool = True) -> ResolvedModel:
@@ -419,8 +432,9 @@ def decode_options(config: Config, constrained: bool, backend: str) -> dict[str,
     rc = config.refine
     options: dict[str, Any] = dict(rc.options)
     options.update(constrained=constrained, max_new_tokens=rc.max_new_tokens, batch_size=rc.batch_size)
-    if not constrained:  # a knob of constrained decoding
-        options.pop("min_op_prob", None)
+    if not constrained:  # knobs of constrained decoding
+        for key in ("min_op_prob", "votes", "vote_threshold", "vote_below"):
+            options.pop(key, None)
     if backend != "openai":
         options.pop("base_url", None)
     return options

@@ -219,6 +219,71 @@ def test_min_op_prob_needs_greedy_constrained_transformers() -> None:
         load_backend("openai", "http://127.0.0.1:9", min_op_prob=0.5)
 
 
+def _deleted_lines(text: str, raw: str) -> set[int]:
+    """Ids of the non-blank lines ``text`` deletes whole from ``raw``."""
+    lines = raw.split("\n")
+    kept = execute(parse(text), raw).text.split("\n")
+    # the executor keeps line order: walk both to find what went
+    out, j = set(), 0
+    for i, line in enumerate(lines):
+        if j < len(kept) and kept[j] == line:
+            j += 1
+        elif line.strip():
+            out.add(i)
+    return out
+
+
+def test_hf_votes_with_a_cold_temperature_reproduce_greedy(diverse_model: Any, tiny_tokenizer: Any) -> None:
+    """Near-zero temperature makes every sample the greedy program, so the line vote deletes
+    exactly the greedy program's lines; this goes through the shared-prompt cache
+    (prefill once, cache repeated per sample) and, with a static cache, repeated prompts."""
+    requests, raws = _random_chunks(7, seed=6)
+    greedy = _hf(diverse_model, tiny_tokenizer, max_new_tokens=32, batch_size=4).generate(requests)
+    from refinex.model.backends.hf import HFBackend
+
+    for options, votes in (({}, 3), ({"cache_implementation": "static"}, 3), ({}, 1)):
+        backend = HFBackend(diverse_model, tiny_tokenizer, DecodeConfig(
+            max_new_tokens=32, batch_size=4, votes=votes, temperature=1e-4, vote_threshold=0.5), **options)
+        voted = backend.generate(requests)
+        for v, g, raw in zip(voted, greedy, raws):
+            assert not _invalid(v, raw), v
+            assert _deleted_lines(v, raw) == _deleted_lines(g, raw), (v, g)
+        assert backend.last_stats["vote_chunks"] == len(requests)  # vote_below=1: every chunk
+        assert backend.last_stats["vote_samples"] == votes * len(requests)
+        samples = backend.sample_programs(requests[:2], votes)
+        assert [len(s) for s in samples] == [votes, votes] and all(isinstance(t, str) for s in samples for t in s)
+
+
+def test_hf_votes_sample_only_unsure_chunks_and_stay_valid(diverse_model: Any, tiny_tokenizer: Any) -> None:
+    requests, raws = _random_chunks(10, seed=7)
+    plain = _hf(diverse_model, tiny_tokenizer, max_new_tokens=32, batch_size=4)
+    scored = plain.generate_with_confidence(requests)
+    greedy = plain.generate(requests)
+    lows = sorted(min(p for _, p in ops) for ops in scored)
+    below = lows[len(lows) // 2]  # about half the chunks are unsure
+    unsure = [min(p for _, p in ops) < below for ops in scored]
+    assert 0 < sum(unsure) < len(requests)
+    backend = _hf(diverse_model, tiny_tokenizer, max_new_tokens=32, batch_size=4, votes=5, temperature=1.5,
+                  vote_below=below, vote_threshold=0.6)
+    voted = backend.generate(requests)
+    assert backend.last_stats["vote_chunks"] == sum(unsure)
+    for v, g, raw, u in zip(voted, greedy, raws, unsure):
+        assert not _invalid(v, raw), v
+        if not u:
+            assert v == g  # sure chunks keep their greedy program
+
+
+def test_votes_need_greedy_constrained_transformers() -> None:
+    assert DecodeConfig(votes=4, vote_threshold=0.7, vote_below=0.9).votes == 4
+    for bad in ({"votes": -1}, {"votes": 4, "constrained": False}, {"votes": 4, "greedy": False},
+                {"votes": 4, "min_op_prob": 0.5}, {"vote_threshold": 0.0}, {"vote_threshold": 1.5},
+                {"vote_below": 0.0}):
+        with pytest.raises(ValueError):
+            DecodeConfig(**bad)
+    with pytest.raises(ValueError, match="transformers backend only"):
+        load_backend("openai", "http://127.0.0.1:9", votes=4)
+
+
 def test_hf_truncated_generation_keeps_complete_ops(diverse_model: Any, tiny_tokenizer: Any) -> None:
     requests, raws = _random_chunks(6, seed=3)
     backend = _hf(diverse_model, tiny_tokenizer, max_new_tokens=9, batch_size=6)

@@ -254,6 +254,23 @@ def test_min_op_prob_refines_under_its_own_origin_version(
     assert "min_op_prob" not in decode_options(config, False, "transformers")  # a knob of constrained decoding
 
 
+def test_votes_refine_under_their_own_origin_version(
+    spark: SparkSession, spark_config: Config, trained: dict[str, Any]
+) -> None:
+    from refinex.spark.refine import decode_options, decoding_suffix, run_refine
+
+    config = spark_config.with_overrides(
+        {"refine.options": {"votes": 3, "vote_threshold": 0.6, "vote_below": 0.9, "temperature": 0.7}}
+    )
+    stats = run_refine(spark, config, trained["workdir"], "models:/refinex-refiner/1", limit=2)
+    assert stats["origin_version"] == "refinex-refiner/1+vote3t0.6b0.9T0.7" and stats["processed"] == 2
+    assert stats["invalid_chunks"] == 0
+    assert decode_options(config, True, "transformers")["votes"] == 3
+    assert not {"votes", "vote_threshold", "vote_below"} & set(decode_options(config, False, "transformers"))
+    every = spark_config.with_overrides({"refine.options": {"votes": 8}})
+    assert decoding_suffix(every, True) == "+vote8t0.5"
+
+
 def test_unconstrained_outputs_are_parsed_never_evaluated(spark: SparkSession, spark_config: Config, trained: dict[str, Any]) -> None:
     from refinex.program import parse
     from refinex.spark.refine import chunk_program, program_text, run_refine

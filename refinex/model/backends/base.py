@@ -97,12 +97,19 @@ class DecodeConfig:
     """Decoding settings shared by all backends.
 
     ``greedy`` (temperature 0) is the production setting; ``temperature``/``top_p``/``seed``
-    only apply when it is off. ``constrained`` turns on grammar-constrained decoding (exact
+    only apply when it is off (or to the samples of ``votes``). ``constrained`` turns on grammar-constrained decoding (exact
     automaton for transformers, regex structured outputs for vLLM/OpenAI-compatible servers).
     ``min_op_prob`` > 0 drops every generated operation whose least likely token had a lower
     probability under the model (the transformers backend, greedy constrained decoding): a
     precision/recall knob, like a tagger's threshold, that trades deletions the model is
     unsure of for kept text.
+
+    ``votes`` > 0 turns on line-vote decoding (the transformers backend, greedy constrained
+    decoding): a chunk whose greedy program has an operation with confidence below
+    ``vote_below`` is decoded again ``votes`` times by sampling (``temperature``, ``top_p``)
+    from the same constrained distribution, and a line is deleted where at least
+    ``vote_threshold`` of the samples delete it (:func:`refinex.model.voting.vote_program`).
+    Chunks the model is sure of keep their greedy program.
     """
 
     max_new_tokens: int = 256
@@ -114,12 +121,26 @@ class DecodeConfig:
     seed: int = 0
     stop: tuple[str, ...] = field(default=DEFAULT_STOP)
     min_op_prob: float = 0.0
+    votes: int = 0
+    vote_threshold: float = 0.5
+    vote_below: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_op_prob < 1.0:
             raise ValueError(f"min_op_prob must be in [0, 1), got {self.min_op_prob}")
         if self.min_op_prob > 0 and not (self.constrained and self.greedy):
             raise ValueError("min_op_prob needs greedy constrained decoding")
+        if self.votes < 0:
+            raise ValueError(f"votes must be >= 0, got {self.votes}")
+        if not 0.0 < self.vote_threshold <= 1.0:
+            raise ValueError(f"vote_threshold must be in (0, 1], got {self.vote_threshold}")
+        if not 0.0 < self.vote_below <= 1.0:
+            raise ValueError(f"vote_below must be in (0, 1], got {self.vote_below}")
+        if self.votes > 0:
+            if not (self.constrained and self.greedy):
+                raise ValueError("votes need greedy constrained decoding (the greedy pass finds the unsure chunks)")
+            if self.min_op_prob > 0:
+                raise ValueError("votes and min_op_prob are two ways to decode unsure operations: choose one")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -193,6 +214,8 @@ def load_backend(kind: str, model_path_or_url: str, **options: Any) -> RefineBac
     config, rest = DecodeConfig.split_options(options)
     if config.min_op_prob > 0 and kind != "transformers":
         raise ValueError(f"min_op_prob is implemented by the transformers backend only, not {kind!r}")
+    if config.votes > 0 and kind != "transformers":
+        raise ValueError(f"votes are implemented by the transformers backend only, not {kind!r}")
     if kind == "transformers":
         from refinex.model.backends.hf import HFBackend
 

@@ -11,6 +11,7 @@ that few prompt shapes occur.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional, Sequence
 
@@ -29,8 +30,11 @@ from refinex.model.constrained import (
     op_confidences,
     token_table_for,
 )
+from refinex.model.voting import vote_program
 
 __all__ = ["HFBackend", "eos_token_ids"]
+
+_STAT_KEYS = ("batches", "rows", "generated_tokens", "fallback_rows", "steps", "constraint_seconds", "dropped_ops")
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -148,20 +152,20 @@ class HFBackend:
         )["input_ids"]
         return [list(ids) for ids in encoded]
 
-    def _generation_config(self) -> Any:
+    def _generation_config(self, sample: bool) -> Any:
         from transformers import GenerationConfig
 
         cfg = self.config
         kwargs: dict[str, Any] = {
             "max_new_tokens": cfg.max_new_tokens,
-            "do_sample": not cfg.greedy,
+            "do_sample": sample,
             "num_beams": 1,
             "pad_token_id": self.pad_id,
             "eos_token_id": list(self.eos_ids) or None,
             "use_cache": True,
             "disable_compile": not self.compile,
         }
-        if not cfg.greedy:
+        if sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
         if self.cache_implementation:
             kwargs["cache_implementation"] = self.cache_implementation
@@ -210,6 +214,21 @@ class HFBackend:
             return []
         return self._run(requests, self._encode([r.prompt for r in requests]), scored=True)
 
+    def sample_programs(self, requests: Sequence[GenerationRequest], n: int) -> list[list[str]]:
+        """``n`` programs per request sampled from the constrained distribution
+        (``temperature``, ``top_p``), the prompt run once per request: what line-vote
+        decoding (``votes``) votes on."""
+        if not self.config.constrained:
+            raise ValueError("sampled programs for votes need constrained decoding")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if self.model is None:
+            raise RuntimeError("backend is closed")
+        if not requests:
+            return []
+        samples, self.last_stats = self._sample(requests, [list(ids) for ids in self._encode([r.prompt for r in requests])], n)
+        return samples
+
     def generate_from_ids(
         self, requests: Sequence[GenerationRequest], encoded: Sequence[Sequence[int]]
     ) -> list[str]:
@@ -225,65 +244,138 @@ class HFBackend:
 
     def _run(self, requests: Sequence[GenerationRequest], encoded: Sequence[Sequence[int]], scored: bool) -> list[Any]:
         encoded = [list(ids) for ids in encoded]
+        if self.config.votes and not scored:
+            return self._run_votes(requests, encoded)
+        outputs, self.last_stats = self._run_batches(requests, encoded, scored)
+        return outputs
+
+    def _run_batches(
+        self,
+        requests: Sequence[GenerationRequest],
+        encoded: Sequence[list[int]],
+        scored: bool,
+        copies: int = 1,
+        sample: Optional[bool] = None,
+    ) -> tuple[list[Any], dict[str, float]]:
+        """Outputs in input order (``copies`` > 1: a list of that many samples per request)
+        and the summed decoding counters. ``sample`` defaults to ``not config.greedy``."""
+        sample = not self.config.greedy if sample is None else sample
         order = sorted(range(len(requests)), key=lambda i: (-len(encoded[i]), i))
         outputs: list[Any] = [""] * len(requests)
-        stats: dict[str, float] = {
-            "batches": 0,
-            "rows": 0,
-            "generated_tokens": 0,
-            "fallback_rows": 0,
-            "steps": 0,
-            "constraint_seconds": 0.0,
-            "dropped_ops": 0,
-        }
-        size = self.config.batch_size
+        stats: dict[str, float] = dict.fromkeys(_STAT_KEYS, 0)
+        # With copies, a batch holds ``batch_size`` rows after the prompts are repeated.
+        size = max(1, self.config.batch_size // copies)
         for begin in range(0, len(order), size):
             batch = order[begin : begin + size]
             texts, batch_stats = self._generate_batch(
-                [requests[i] for i in batch], [encoded[i] for i in batch], scored
+                [requests[i] for i in batch], [encoded[i] for i in batch], scored, copies, sample
             )
             for index, text in zip(batch, texts):
                 outputs[index] = text
             for key, value in batch_stats.items():
                 stats[key] += value
+        return outputs, stats
+
+    def _run_votes(self, requests: Sequence[GenerationRequest], encoded: Sequence[list[int]]) -> list[str]:
+        """Greedy programs, with the unsure chunks' programs replaced by line votes over
+        ``votes`` samples (see :class:`DecodeConfig`)."""
+        cfg = self.config
+        scored, stats = self._run_batches(requests, encoded, scored=True)
+        outputs = ["".join(line + "\n" for line, _ in lines) for lines in scored]
+        unsure = [i for i, lines in enumerate(scored) if min(p for _, p in lines) < cfg.vote_below]
+        if unsure:
+            samples, sample_stats = self._sample([requests[i] for i in unsure], [encoded[i] for i in unsure], cfg.votes)
+            for key, value in sample_stats.items():
+                stats[key] += value
+            for i, texts in zip(unsure, samples):
+                request = requests[i]
+                lines = request.lines or ("x",) * (request.last_line - request.first_line + 1)
+                outputs[i] = vote_program(texts, request.first_line, lines, cfg.vote_threshold)
+        stats["vote_chunks"] = len(unsure)
+        stats["vote_samples"] = len(unsure) * cfg.votes
         self.last_stats = stats
         return outputs
 
+    def _sample(
+        self, requests: Sequence[GenerationRequest], encoded: Sequence[list[int]], n: int
+    ) -> tuple[list[list[str]], dict[str, float]]:
+        """``n`` sampled programs per request, and the decoding counters."""
+        samples, stats = self._run_batches(requests, encoded, scored=False, copies=n, sample=True)
+        return (samples if n > 1 else [[text] for text in samples]), stats
+
+    def _prefill(self, input_ids: Any, attention: Any, copies: int) -> Optional[dict[str, Any]]:
+        """The KV cache of all prompt tokens but the last, each row repeated ``copies``
+        times, as ``generate``'s cache argument (None where the prompts are one token wide)."""
+        if input_ids.shape[1] < 2:
+            return None
+        positions = (attention.long().cumsum(-1) - 1).masked_fill(attention == 0, 0)
+        out = self.model(
+            input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1], use_cache=True
+        )
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is None:
+            return None
+        cache.batch_repeat_interleave(copies)
+        names = inspect.signature(self.model.forward).parameters
+        return {"cache" if "cache" in names else "past_key_values": cache}
+
     def _generate_batch(
-        self, requests: list[GenerationRequest], rows: list[list[int]], scored: bool = False
+        self,
+        requests: list[GenerationRequest],
+        rows: list[list[int]],
+        scored: bool = False,
+        copies: int = 1,
+        sample: bool = False,
     ) -> tuple[list[Any], dict[str, float]]:
+        """Decode one batch. ``copies`` > 1 samples that many programs per request: the
+        prompts are run once and their KV cache is repeated (or, with a static cache, the
+        prompts are repeated), and each request gets the list of its samples."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        unique = len(rows)
+        share = copies > 1 and self.cache_implementation is None
+        if copies > 1 and not share:
+            rows = [row for row in rows for _ in range(copies)]
+            requests = [request for request in requests for _ in range(copies)]
         real = len(rows)
         if self.compile and real < self.config.batch_size:
             # Keep one batch shape for the compiled step: repeat the last row (discarded).
             rows = rows + [rows[-1]] * (self.config.batch_size - real)
             requests = requests + [requests[-1]] * (self.config.batch_size - real)
         input_ids, attention = self._pad_batch(rows)
-        automata = [r.automaton() for r in requests] if self.config.constrained else []
-        processors = LogitsProcessorList(self._logits_processors(requests, rows))
-        processor: Optional[ProgramLogitsProcessor] = None
-        min_prob = self.config.min_op_prob
-        if self.config.constrained:
-            processor = ProgramLogitsProcessor(
-                automata,
-                self.table,
-                mode="greedy" if self.config.greedy else "mask",
-                top_k=self.top_k_check,
-                record=scored or min_prob > 0,
-            )
-            processors.append(processor)
-        criteria = StoppingCriteriaList([NewlineStopCriteria(self.table, self.device)])
-        if not self.config.greedy:  # generate samples from the global generator
+        if sample:  # generate samples from the global generator
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator)))
+        cache_kwargs: dict[str, Any] = {}
         with torch.inference_mode():
+            if share:
+                cache_kwargs = self._prefill(input_ids, attention, copies) or {}
+                input_ids = input_ids.repeat_interleave(copies, dim=0)
+                attention = attention.repeat_interleave(copies, dim=0)
+                requests = [request for request in requests for _ in range(copies)]
+                rows = [row for row in rows for _ in range(copies)]
+                real = len(requests)
+            automata = [r.automaton() for r in requests] if self.config.constrained else []
+            processors = LogitsProcessorList(self._logits_processors(requests, rows))
+            processor: Optional[ProgramLogitsProcessor] = None
+            min_prob = self.config.min_op_prob
+            if self.config.constrained:
+                processor = ProgramLogitsProcessor(
+                    automata,
+                    self.table,
+                    mode="mask" if sample else "greedy",
+                    top_k=self.top_k_check,
+                    record=not sample and (scored or min_prob > 0),
+                )
+                processors.append(processor)
+            criteria = StoppingCriteriaList([NewlineStopCriteria(self.table, self.device)])
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention,
-                generation_config=self._generation_config(),
+                generation_config=self._generation_config(sample),
                 logits_processor=processors,
                 stopping_criteria=criteria,
+                **cache_kwargs,
             )
         new_tokens = out[:real, input_ids.shape[1]:].tolist()
         eos = set(self.eos_ids)
@@ -310,6 +402,8 @@ class HFBackend:
                 data, n = drop_unsure_ops(lines, min_prob)
                 dropped += n
             texts.append(finish_program(data.decode("utf-8", "replace"), self.config.stop, True))
+        if copies > 1:
+            texts = [texts[k * copies : (k + 1) * copies] for k in range(unique)]
         stats = {
             "batches": 1,
             "rows": real,
