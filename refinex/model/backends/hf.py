@@ -8,6 +8,11 @@ and ``generate`` ends a batch as soon as every row has stopped. On CUDA the mode
 bfloat16 by default; ``cache_implementation="static"`` + ``compile=True`` turn on
 ``generate``'s compiled decoding step (CUDA graphs), best with ``pad_to_multiple_of`` so
 that few prompt shapes occur.
+
+Two ways to decode the chunks the model is unsure of (constrained greedy decoding records
+each chosen token's probability): ``min_op_prob`` drops the unsure operations;
+``votes`` samples the unsure chunks again (the prompts run once, their KV cache repeated per
+sample) and keeps a line unless enough samples delete it (:mod:`refinex.model.voting`).
 """
 from __future__ import annotations
 
