@@ -341,6 +341,7 @@ def reading(report: Mapping[str, Any], rates: Sequence[float], fallback: Sequenc
                  "errors, operations on lines outside the chunk are dropped) and where errors exceed the guardrail "
                  f"the raw text is kept ({min(fallback)}-{max(fallback)} of {report['validation_docs']} documents "
                  "`fallback_raw`), so the unconstrained rows sit closer to the raw text. ")
+    voted: list[str] = []
     for variant in pretrained:
         key = f"{variant['name']}/constrained"
         if key not in scores:
@@ -350,15 +351,11 @@ def reading(report: Mapping[str, Any], rates: Sequence[float], fallback: Sequenc
         if overrides.get("refine.options.votes"):
             decoding = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items() if k.startswith("refine.options.")
                                  and k.split(".")[-1] in ("votes", "vote_threshold", "vote_below", "temperature"))
-            text += (f"The same model decoded with line votes ({variant['name']}: {decoding}; chunks whose greedy "
-                     "program has an operation under vote_below confidence are sampled `votes` times and keep the "
-                     "lines fewer than vote_threshold of the samples delete) scores snippet F1 "
-                     f"{scores[key]['snippet']['f1']:.3f} (P {scores[key]['snippet']['precision']:.3f}, "
-                     f"R {scores[key]['snippet']['recall']:.3f}) and bag-of-words F1 {scores[key]['bow']['f1']:.3f}, "
-                     f"deleting {report['models'][key]['mean_deletion_ratio']:.3f} of the characters, at "
-                     f"{variant['refine']['constrained'].get('docs_per_s', 0):.2f} documents/s (the samples are drawn "
-                     "at random, so such a row moves by up to about 0.02 from one run to the next; the next section "
-                     "chooses the settings by cross-validation). ")
+            voted.append(f"{variant['name']} ({decoding}) snippet F1 {scores[key]['snippet']['f1']:.3f} "
+                         f"(P {scores[key]['snippet']['precision']:.3f}, R {scores[key]['snippet']['recall']:.3f}) and "
+                         f"bag-of-words F1 {scores[key]['bow']['f1']:.3f}, deleting "
+                         f"{report['models'][key]['mean_deletion_ratio']:.3f} of the characters, at "
+                         f"{variant['refine']['constrained'].get('docs_per_s', 0):.2f} documents/s")
             continue
         text += (f"The pretrained base ({train['base']}, {int(train['steps'])} steps in "
                  f"{train['train_seconds'] / 60:.0f} minutes on this CPU) is a different model: snippet F1 "
@@ -366,6 +363,12 @@ def reading(report: Mapping[str, Any], rates: Sequence[float], fallback: Sequenc
                  f"the tagger's {scores['tagger']['snippet']['f1']:.3f} and {scores['tagger']['bow']['f1']:.3f}, "
                  f"deleting {report['models'][key]['mean_deletion_ratio']:.3f} of the characters on average (the "
                  f"oracle {report['ratios']['distilled']:.3f}). ")
+    if voted:
+        text += ("Decoded with line votes (the chunks whose greedy program has an operation under vote_below "
+                 "confidence are sampled `votes` times and keep every line fewer than vote_threshold of the samples "
+                 "delete), the pretrained model scores: " + "; ".join(voted) + ". The samples are drawn at random, "
+                 "so such a row moves by up to about 0.02 from one run to the next; the next section chooses the "
+                 "settings by cross-validation. ")
     return text.rstrip()
 
 
