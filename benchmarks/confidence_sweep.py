@@ -278,6 +278,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _score_cells(row: Mapping[str, Any]) -> str:
+    """A sweep row's score cells: snippet P, R, F1, bag-of-words F1, mean deletion ratio."""
+    s, b = row["scores"]["snippet"], row["scores"]["bow"]
+    return (f"{s['precision']:.3f} | {s['recall']:.3f} | **{s['f1']:.3f}** | {b['f1']:.3f} | "
+            f"{row['mean_deletion_ratio']:.3f} |")
+
+
 def render(report: Mapping[str, Any]) -> str:
     lines = [
         SECTION,
@@ -292,9 +299,7 @@ def render(report: Mapping[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
-        s, b = row["scores"]["snippet"], row["scores"]["bow"]
-        lines.append(f"| {row['threshold']:g} | {row['ops']} | {s['precision']:.3f} | {s['recall']:.3f} | "
-                     f"**{s['f1']:.3f}** | {b['f1']:.3f} | {row['mean_deletion_ratio']:.3f} |")
+        lines.append(f"| {row['threshold']:g} | {row['ops']} | {_score_cells(row)}")
     cv = report["cross_validated"]
     lines += [
         "",
@@ -318,9 +323,7 @@ def render(report: Mapping[str, Any]) -> str:
             "|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in report["vote_rows"]:
-            s, b = row["scores"]["snippet"], row["scores"]["bow"]
-            lines.append(f"| {row['below']:g} | {row['voted_chunks']} | {row['threshold']:g} | {s['precision']:.3f} | "
-                         f"{s['recall']:.3f} | **{s['f1']:.3f}** | {b['f1']:.3f} | {row['mean_deletion_ratio']:.3f} |")
+            lines.append(f"| {row['below']:g} | {row['voted_chunks']} | {row['threshold']:g} | {_score_cells(row)}")
         chosen = " / ".join(f"vote_below {c['below']:g}, vote_threshold {c['threshold']:g}" for c in vote_cv["chosen"])
         v = vote_cv["scores"]
         lines += [
