@@ -591,7 +591,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.smollm2_probe_steps > 0:
         probe = smollm2_probe(probe_pairs or train_pairs(spark, workdir), args.smollm2_probe_steps)
 
-    tagger_f1 = scores["tagger"]["snippet"]["f1"]
     best = max(variants, key=lambda v: scores[f"{v['name']}/constrained"]["snippet"]["f1"])
     best_key = f"{best['name']}/constrained"
     verdict = verdict_of(best["name"], scores[best_key], scores["tagger"])
