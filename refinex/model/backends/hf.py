@@ -110,6 +110,8 @@ class HFBackend:
         if config.constrained and not self.table.eos_ids:
             raise ValueError("constrained decoding needs a tokenizer with an eos token")
         self._generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        # generate's keyword for a prefilled KV cache (`past_key_values` in older transformers)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         #: Decoding counters of the last ``generate`` call (for benchmarks and logs).
         self.last_stats: dict[str, float] = {}
 
@@ -321,8 +323,7 @@ class HFBackend:
         if cache is None:
             return None
         cache.batch_repeat_interleave(copies)
-        names = inspect.signature(self.model.forward).parameters
-        return {"cache" if "cache" in names else "past_key_values": cache}
+        return {self._cache_arg: cache}
 
     def _generate_batch(
         self,
