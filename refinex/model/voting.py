@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from refinex.distill import settle_blank_lines
 from refinex.program import parse
-from refinex.program.execute import _find_free
+from refinex.program.execute import find_free
 from refinex.program.ops import RemoveLines, RemoveStr
 from refinex.program.render import render_op
 
@@ -94,7 +94,7 @@ def vote_program(
         if str_votes[key] / total < threshold or removed[line_id - first_line]:
             continue
         taken = spans.setdefault(line_id, [])
-        position, _ = _find_free(lines[line_id - first_line], text, taken)
+        position, _ = find_free(lines[line_id - first_line], text, taken)
         if position is None:  # overlaps a surer deletion on the line: executing it would fail
             continue
         insort(taken, (position, position + len(text)))

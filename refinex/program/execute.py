@@ -33,6 +33,7 @@ __all__ = [
     "Result",
     "execute",
     "execute_text",
+    "find_free",
     "LINE_OUT_OF_RANGE",
     "BAD_RANGE",
     "STRING_NOT_FOUND",
@@ -143,8 +144,16 @@ def _spans_overlap(spans: list[tuple[int, int]], start: int, end: int) -> Option
     return None
 
 
-def _find_free(line: str, needle: str, spans: list[tuple[int, int]]) -> tuple[Optional[int], bool]:
-    """First occurrence of ``needle`` not intersecting ``spans``: (position, found_any)."""
+def find_free(line: str, needle: str, spans: list[tuple[int, int]]) -> tuple[Optional[int], bool]:
+    """First occurrence of ``needle`` in ``line`` not intersecting ``spans``: ``(position,
+    found_any)``.
+
+    ``spans`` are the half-open character spans already deleted from the line, sorted and
+    disjoint. ``position`` is ``None`` when every occurrence overlaps one of them;
+    ``found_any`` tells whether ``needle`` occurs in ``line`` at all (``string_not_found``
+    versus ``overlap``). This is how ``execute`` places a ``remove_str``; line voting
+    (``refinex.model.voting``) places its strings the same way.
+    """
     width = len(needle)
     position = line.find(needle)
     found_any = position >= 0
@@ -226,7 +235,7 @@ def execute(program: Program, raw: str, guardrails: Guardrails = Guardrails()) -
             reason = LINE_REMOVED
         else:
             line_spans = spans.setdefault(op.line, [])
-            position, found_any = _find_free(lines[op.line], op.text, line_spans)
+            position, found_any = find_free(lines[op.line], op.text, line_spans)
             if position is None:
                 reason = OVERLAP if found_any else STRING_NOT_FOUND
             else:
