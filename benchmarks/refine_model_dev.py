@@ -77,20 +77,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 def prepare(spark: Any, config: Config, workdir: str, pages: Path) -> dict[str, Any]:
     """Ingest, expert, distill and the distilled programs' apply/stats (idempotent)."""
-    from refinex.spark.apply import run_apply
-    from refinex.spark.distill import run_distill
-    from refinex.spark.expert import run_expert
-    from refinex.spark.ingest import run_ingest
-    from refinex.spark.stats import run_stats
+    from refinex.spark.registry import run_stage
     from refinex.spark.tables import read_table
 
     if read_table(spark, workdir, "documents").count() == 0:
-        run_ingest(spark, config, workdir, str(pages))
-    expert = run_expert(spark, config, workdir)
-    run_distill(spark, config, workdir, expert=expert["expert"])
+        run_stage("ingest", spark, config, workdir, input=str(pages))
+    expert = run_stage("expert", spark, config, workdir)
+    run_stage("distill", spark, config, workdir, expert=expert["expert"])
     version = f"{expert['expert']}:{expert['expert_version']}"
-    run_apply(spark, config, workdir, origin="distilled", origin_version=version)
-    run_stats(spark, config, workdir, origin="distilled", origin_version=version)
+    run_stage("apply", spark, config, workdir, origin="distilled", origin_version=version)
+    run_stage("stats", spark, config, workdir, origin="distilled", origin_version=version)
     return {"expert": expert["expert"], "distilled_version": version}
 
 
@@ -203,17 +199,13 @@ def run_variant(
 
     Without ``force_refine`` documents the model already refined are kept, and the speed
     reported is that of the run that refined them (``stage_runs``)."""
-    from refinex.spark.apply import run_apply
-    from refinex.spark.refine import run_refine
-    from refinex.spark.sft import run_sft_pairs
-    from refinex.spark.stats import run_stats
-    from refinex.spark.train import run_train
+    from refinex.spark.registry import run_stage
 
     overrides = dict(overrides)
     modes = str(overrides.pop("modes", "+".join(MODES))).split("+")
     cfg = config.with_overrides(overrides)
-    sft = run_sft_pairs(spark, cfg, workdir, origin_version=distilled)
-    train = run_train(spark, cfg, workdir)
+    sft = run_stage("sft_pairs", spark, cfg, workdir, origin_version=distilled)
+    train = run_stage("train", spark, cfg, workdir)
     if train["reused"]:
         train.update(_registered_metrics(cfg, workdir, train["version"]))
     if "val_char_f1" not in train:  # registered before the metric existed: measure it now
@@ -224,11 +216,11 @@ def run_variant(
         train.update(evaluate_checkpoint(spark, cfg, workdir, checkpoint))
     runs = {}
     for constrained in (mode == "constrained" for mode in modes):
-        refined = run_refine(spark, cfg, workdir, train["model_uri"], constrained=constrained, split="validation",
+        refined = run_stage("refine", spark, cfg, workdir, model=train["model_uri"], constrained=constrained, split="validation",
                              force=force_refine)
         origin = {"origin": "model", "origin_version": refined["origin_version"]}
-        run_apply(spark, cfg, workdir, **origin)
-        run_stats(spark, cfg, workdir, **origin)
+        run_stage("apply", spark, cfg, workdir, **origin)
+        run_stage("stats", spark, cfg, workdir, **origin)
         runs["constrained" if constrained else "unconstrained"] = (
             refined if refined["processed"] else measured_refine(spark, workdir, refined["origin_version"]))
     return {"name": name, "overrides": dict(overrides), "sft": sft, "train": train, "refine": runs}

@@ -1,25 +1,31 @@
-"""The ``refinex`` command: one sub-command per stage, ``pipeline``, ``export`` and ``setup``.
+"""The ``refinex`` command: one sub-command per registered stage, ``pipeline``, ``promote``, ``setup``.
 
-Every Spark command takes ``--workdir`` (tables go to ``<workdir>/delta/<table>``),
-``--config`` (a profile name in ``conf/`` or a YAML path) and repeatable
-``--set section.key=value`` overrides. Failures print one line and exit with status 1
+The stage commands are built from the stage declarations (``refinex.spark.registry.STAGES``):
+their flags are the stages' parameters, so the CLI, ``jobs/`` and the bundle's tasks take
+the same flags. Every Spark command takes ``--workdir`` (path tables go to
+``<workdir>/delta/<table>``), ``--config`` (a profile name in ``conf/`` or a YAML path;
+default ``$REFINEX_CONFIG``, else ``default``), repeatable ``--set section.key=value``
+overrides and ``--run-id`` (one id for the tasks of one job run). Failures print one line and exit with status 1
 (``REFINEX_DEBUG=1`` re-raises Spark errors with their traceback); ``REFINEX_LOG_LEVEL``
 sets the log level of the stages' progress messages (default INFO, on stderr).
 """
 from __future__ import annotations
 
-import importlib
+import inspect
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence, TypeVar
 
 import typer
 
 from refinex.config import Config, ConfigError, load_config
 from refinex.spark.jars import DeltaJarsError
+
+if TYPE_CHECKING:
+    from refinex.spark.stage import Param, Stage
 
 app = typer.Typer(
     name="refinex",
@@ -39,49 +45,57 @@ WorkdirOpt = Annotated[
 ]
 ConfigOpt = Annotated[
     Optional[str],
-    typer.Option("--config", "-c", help="Profile name in conf/ (default, test, databricks, dataproc) or a YAML file."),
+    typer.Option("--config", "-c", help="Profile name in conf/ (default, test, gpu, databricks, dataproc) or a "
+                 "YAML file (default: $REFINEX_CONFIG, else default)."),
 ]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a setting: section.key=value (repeatable), e.g. spark.master=local[4]."),
 ]
-OriginOpt = Annotated[Optional[str], typer.Option("--origin", help="Program origin: distilled or model.")]
-OriginVersionOpt = Annotated[
+RunIdOpt = Annotated[
     Optional[str],
-    typer.Option("--origin-version", help="Program version, e.g. trafilatura:<expert version>."),
+    typer.Option("--run-id", help="Run id recorded in stage_runs (default: a new one); the bundle passes the job run's."),
 ]
-InputOpt = Annotated[
-    list[str],
-    typer.Option("--input", "-i", help="Input JSONL(.gz)/Parquet file, folder or glob (repeatable)."),
-]
-LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=0, help="Only the first N input records.")]
-ExpertOpt = Annotated[Optional[str], typer.Option("--expert", help="Expert name (default: expert.name of the profile).")]
-BaseOpt = Annotated[
-    Optional[str],
-    typer.Option("--base", help="Base of the refine model: tiny, smollm2-135m, qwen3-0.6b-base or a checkpoint "
-                 "folder (default: model.base of the profile)."),
-]
-ExpertNameOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--expert",
-        help="Expert that refines documents: trafilatura, llm, consensus or any registered one "
-        "(default: expert.name of the profile).",
-    ),
-]
-ExpertBaseUrlOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        "--expert-base-url",
-        help="OpenAI-compatible endpoint of the llm expert (or of consensus' llm member, which it enables), "
-        "e.g. http://127.0.0.1:8000/v1. The API key is read from $REFINEX_EXPERT_API_KEY (Bearer).",
-    ),
-]
-ExpertModelOpt = Annotated[Optional[str], typer.Option("--expert-model", help="Model name sent to that endpoint.")]
-ExpertConcurrencyOpt = Annotated[
-    Optional[int],
-    typer.Option("--expert-max-concurrency", min=1, help="LLM requests in flight per Spark task."),
-]
+
+_TYPES: dict[str, Any] = {"str": Optional[str], "int": Optional[int], "float": Optional[float], "bool": bool,
+                          "list": Optional[list[str]]}
+_COMMON = ("workdir", "config", "set_", "run_id")
+
+
+def _typer_parameter(param: "Param") -> inspect.Parameter:
+    """A stage parameter as a typer option (default-value style)."""
+    names = [param.flag, *([param.short] if param.short else [])]
+    default: Any = ... if param.required else (param.default if param.kind != "list" else None)
+    extra: dict[str, Any] = {}
+    if param.minimum is not None:
+        extra["min"] = param.minimum
+    option = typer.Option(default, *names, help=param.help, **extra)
+    return inspect.Parameter(param.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=list[str] if param.kind == "list" and param.required else _TYPES[param.kind])
+
+
+def _command(name: str, help_text: str, params: Sequence["Param"], body: Callable[..., None],
+             extra: Sequence[tuple[str, Any, Any]] = ()) -> None:
+    """Register ``name`` with the stage parameters, ``extra`` (name, annotation, typer
+    option) ones and the common options; ``body(values, workdir, config, set_, run_id)``."""
+    common = {"workdir": WorkdirOpt, "config": ConfigOpt, "set_": SetOpt, "run_id": RunIdOpt}
+    parameters = [_typer_parameter(p) for p in params]
+    for extra_name, annotation, option in extra:
+        parameters.append(inspect.Parameter(extra_name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=annotation))
+    for common_name, annotation in common.items():
+        parameters.append(inspect.Parameter(common_name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=annotation))
+
+    def command(**values: Any) -> None:
+        options = {k: values.pop(k) for k in _COMMON}
+        body(values, **options)
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = help_text
+    command.__name__ = name.replace("-", "_")
+    app.command(name)(command)
 
 
 class CliError(Exception):
@@ -96,61 +110,85 @@ def _setup_logging() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def _config(config: Optional[str], overrides: Optional[list[str]]) -> Config:
-    return load_config(config, overrides or [])
-
-
-def _expert_config(
-    config: Optional[str],
-    overrides: Optional[list[str]],
-    name: Optional[str],
-    base_url: Optional[str],
-    model: Optional[str],
-    max_concurrency: Optional[int],
-) -> Config:
-    """The profile, then the --expert* choices (``refinex.spark.expert.configure_expert``),
-    then the --set overrides, so ``--set expert.options.KEY=VALUE`` tunes the chosen expert."""
+def _config(config: Optional[str], overrides: Optional[list[str]], stage: Optional["Stage"] = None,
+            configuring: Optional[dict[str, Any]] = None) -> Config:
+    """The profile, then the stage's configuring flags (``--expert*``), then the --set
+    overrides, so ``--set expert.options.KEY=VALUE`` tunes the chosen expert."""
     from refinex.config import parse_override
-    from refinex.spark.expert import configure_expert
 
-    cfg = configure_expert(load_config(config), name, base_url=base_url, model=model, max_concurrency=max_concurrency)
+    cfg = load_config(config)
+    if stage is not None and configuring:
+        cfg = stage.configured(cfg, configuring)
     return cfg.with_overrides(dict(parse_override(o) for o in overrides)) if overrides else cfg
 
 
 def _workdir(cfg: Config, workdir: Optional[str]) -> str:
+    """The workdir: local ones are created and made absolute, remote ones kept as given."""
+    from refinex.locations import is_local, local_path
+
     chosen = workdir or cfg.workdir
     if not chosen:
         raise CliError("no workdir: pass --workdir DIR (or set workdir in the profile)")
-    if "://" in chosen and not chosen.startswith("file://"):
+    if not is_local(chosen):
         return chosen.rstrip("/")
-    path = Path(chosen[len("file://") :] if chosen.startswith("file://") else chosen).expanduser().resolve()
+    path = local_path(chosen)
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 
-def _session(cfg: Config, workdir: str) -> Any:
+def _context(cfg: Config, workdir: Optional[str], run_id: Optional[str]) -> Any:
     from refinex.spark.session import get_spark
+    from refinex.spark.stage import context
 
-    return get_spark(cfg, workdir)
+    wd = _workdir(cfg, workdir)
+    return context(get_spark(cfg, wd), cfg, wd, run_id)
 
 
 def _print_json(stats: dict[str, Any]) -> None:
     typer.echo(json.dumps(stats, indent=2, sort_keys=False, default=str))
 
 
-def _run_stage(target: str, config: Optional[str], set_: Optional[list[str]], workdir: Optional[str],
-               *args: Any, **kwargs: Any) -> None:
-    """Run the stage ``"module:function"`` as ``function(spark, cfg, workdir, *args, **kwargs)``
-    and print its stats; the module is imported only now (the CLI starts without Spark)."""
+def _split(stage: "Stage", values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(transform values, configuring values) of a command's parsed flags."""
+    configuring = {p.name: values.pop(p.name) for p in stage.params if p.configures and p.name in values}
+    return values, configuring
 
-    def body() -> None:
-        module, _, name = target.partition(":")
-        stage = getattr(importlib.import_module(module), name)
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        _print_json(stage(_session(cfg, wd), cfg, wd, *args, **kwargs))
 
-    _run(body)
+def _stage_body(stage: "Stage") -> Callable[..., None]:
+    def body(values: dict[str, Any], workdir: Optional[str], config: Optional[str], set_: Optional[list[str]],
+             run_id: Optional[str]) -> None:
+        def action() -> None:
+            from refinex.spark.stage import execute
+
+            kwargs, configuring = _split(stage, dict(values))
+            ctx = _context(_config(config, set_, stage, configuring), workdir, run_id)
+            stats = execute(stage, ctx, **kwargs)
+            _print_json(stats)
+            if stage.describe is not None:
+                typer.echo(f"{stage.name}: {stage.describe(stats)}")
+
+        _run(action)
+
+    return body
+
+
+def _refine_body(values: dict[str, Any], workdir: Optional[str], config: Optional[str], set_: Optional[list[str]],
+                 run_id: Optional[str]) -> None:
+    """``refine``: the model chain (refine -> apply -> stats), or the refine stage alone."""
+
+    def action() -> None:
+        from refinex.spark.registry import MODEL_CHAIN, get_stage, run_steps
+        from refinex.spark.stage import execute
+
+        only = values.pop("no_apply")
+        ctx = _context(_config(config, set_), workdir, run_id)
+        if only:
+            _print_json(execute(get_stage("refine"), ctx, **values))
+            return
+        results = run_steps(ctx, MODEL_CHAIN, {"refine": values}, external=("registered_model",))
+        _print_json({"refine": results["refine"], "apply": results["apply_model"], "stats": results["stats_model"]})
+
+    _run(action)
 
 
 def _run(action: Callable[[], T]) -> T:
@@ -172,242 +210,54 @@ def _run(action: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
-@app.command()
-def pipeline(
-    inputs: InputOpt,
-    workdir: WorkdirOpt = None,
-    limit: LimitOpt = None,
-    expert: ExpertNameOpt = None,
-    expert_base_url: ExpertBaseUrlOpt = None,
-    expert_model: ExpertModelOpt = None,
-    expert_max_concurrency: ExpertConcurrencyOpt = None,
-    base: BaseOpt = None,
-    model: Annotated[
-        Optional[str],
-        typer.Option("--model", help="Refine with this model instead of training one: models:/NAME@ALIAS, "
-                     "models:/NAME/N or a checkpoint folder."),
-    ] = None,
-    skip_train: Annotated[
-        bool, typer.Option("--skip-train", help="Do not train: refine with the champion (models:/refinex-refiner@champion).")
-    ] = False,
-    skip_model: Annotated[
-        bool, typer.Option("--skip-model", help="Stop after the distilled programs (no sft_pairs, train, refine).")
-    ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Run the whole flow and print both program origins side by side.
-
-    ingest -> expert -> distill -> apply -> stats (the distilled oracle), then sft_pairs ->
-    train -> refine -> apply -> stats with the refine model. The default trains model.base
-    (tiny) on this run's distilled programs; --model or --skip-train reuse a model.
-    """
-
-    def body() -> None:
+def _pipeline_body(values: dict[str, Any], workdir: Optional[str], config: Optional[str], set_: Optional[list[str]],
+                   run_id: Optional[str]) -> None:
+    def action() -> None:
+        from refinex.spark.expert import EXPERT
         from refinex.spark.pipeline import format_summary, run_pipeline
 
-        cfg = _expert_config(config, set_, expert, expert_base_url, expert_model, expert_max_concurrency)
-        wd = _workdir(cfg, workdir)
+        kwargs, configuring = _split(EXPERT, dict(values))
+        ctx = _context(_config(config, set_, EXPERT, configuring), workdir, run_id)
         result = run_pipeline(
-            _session(cfg, wd), cfg, wd, inputs, limit=limit, base=base, model_uri=model,
-            train=not skip_train, refine=not skip_model,
+            ctx.spark, ctx.config, ctx.workdir, kwargs["input"], limit=kwargs["limit"], run_id=ctx.run_id,
+            base=kwargs["base"], model_uri=kwargs["model"], train=not kwargs["skip_train"],
+            refine=not kwargs["skip_model"],
         )
         typer.echo(format_summary(result))
 
-    _run(body)
+    _run(action)
 
 
-@app.command()
-def ingest(
-    inputs: InputOpt,
-    workdir: WorkdirOpt = None,
-    limit: LimitOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Read input records into the documents table (rejects go to quarantine)."""
+def _register_commands() -> None:
+    """One command per registered stage (``refine`` runs its chain), plus ``pipeline``."""
+    from refinex.spark.expert import EXPERT_PARAMS
+    from refinex.spark.ingest import INGEST
+    from refinex.spark.registry import STAGES
+    from refinex.spark.sft import BASE_PARAM
+    from refinex.spark.stage import Param
 
-    def body() -> None:
-        from refinex.spark.ingest import run_ingest
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        stats = run_ingest(_session(cfg, wd), cfg, wd, inputs, limit=limit)
-        _print_json(stats)
-        typer.echo(f"read {stats['read']} = accepted {stats['accepted']} + quarantined {stats['quarantined']}")
-
-    _run(body)
-
-
-@app.command()
-def expert(
-    workdir: WorkdirOpt = None,
-    expert: ExpertNameOpt = None,
-    expert_base_url: ExpertBaseUrlOpt = None,
-    expert_model: ExpertModelOpt = None,
-    expert_max_concurrency: ExpertConcurrencyOpt = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Refine again documents that already have an ok refinement.")
-    ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Refine documents with the expert into expert_refinements (LLM responses cached in expert_cache)."""
-
-    def body() -> None:
-        from refinex.spark.expert import run_expert
-
-        cfg = _expert_config(config, set_, expert, expert_base_url, expert_model, expert_max_concurrency)
-        wd = _workdir(cfg, workdir)
-        _print_json(run_expert(_session(cfg, wd), cfg, wd, force=force))
-
-    _run(body)
-
-
-@app.command()
-def distill(
-    workdir: WorkdirOpt = None,
-    expert: ExpertOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Distil the expert's refinements into deletion-only programs."""
-
-    _run_stage("refinex.spark.distill:run_distill", config, set_, workdir, expert=expert)
-
-
-@app.command()
-def apply(
-    workdir: WorkdirOpt = None,
-    origin: OriginOpt = None,
-    origin_version: OriginVersionOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Execute programs over every document into refined_documents."""
-
-    _run_stage("refinex.spark.apply:run_apply", config, set_, workdir, origin=origin, origin_version=origin_version)
-
-
-@app.command()
-def stats(
-    workdir: WorkdirOpt = None,
-    origin: OriginOpt = None,
-    origin_version: OriginVersionOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Write edit_stats (one row per document) and print the summary."""
-
-    _run_stage("refinex.spark.stats:run_stats", config, set_, workdir, origin=origin, origin_version=origin_version)
-
-
-@app.command()
-def export(
-    output: Annotated[str, typer.Option("--output", "-o", help="Output JSONL file (.gz compresses).")],
-    workdir: WorkdirOpt = None,
-    origin: OriginOpt = None,
-    origin_version: OriginVersionOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Write one JSON line per document: doc_id, text, refined_text, status.
-
-    The default origin is that of the most recent apply run.
-    """
-
-    _run_stage("refinex.spark.apply:run_export", config, set_, workdir, output, origin=origin,
-               origin_version=origin_version)
-
-
-@app.command("sft-pairs")
-def sft_pairs(
-    workdir: WorkdirOpt = None,
-    base: BaseOpt = None,
-    origin_version: Annotated[
-        Optional[str],
-        typer.Option("--origin-version", help="Distilled program version (default: the newest of the expert)."),
-    ] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Rebuild sft_pairs: one (prompt, target) pair per chunk of every distilled program."""
-
-    _run_stage("refinex.spark.sft:run_sft_pairs", config, set_, workdir, origin_version=origin_version, base=base)
-
-
-@app.command()
-def train(
-    workdir: WorkdirOpt = None,
-    base: BaseOpt = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Train even if a registered version has the same pairs and settings.")
-    ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Fine-tune the refine model on sft_pairs, log it to MLflow and register it.
-
-    Settings: the base's defaults (conf/model/<base>.yaml) and the train section
-    (--set train.max_steps=200). Tracking: model.tracking_uri, else $MLFLOW_TRACKING_URI,
-    else sqlite:///WORKDIR/mlflow.db. The first registered version becomes @champion.
-    """
-
-    def body() -> None:
-        from refinex.spark.train import run_train
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        stats = run_train(_session(cfg, wd), cfg, wd, base=base, force=force)
-        _print_json(stats)
-        typer.echo(f"model: {stats['model_uri']} (champion: version {stats['champion_version']})")
-
-    _run(body)
-
-
-@app.command()
-def refine(
-    model: Annotated[
-        str,
-        typer.Option("--model", "-m", help="models:/refinex-refiner@champion, models:/refinex-refiner/N, "
-                     "any MLflow model URI or a checkpoint folder."),
-    ],
-    workdir: WorkdirOpt = None,
-    backend: Annotated[
-        Optional[str], typer.Option("--backend", help="transformers, vllm or openai (default: refine.backend).")
-    ] = None,
-    unconstrained: Annotated[
-        bool, typer.Option("--unconstrained", help="Plain decoding instead of grammar-constrained decoding.")
-    ] = False,
-    split: Annotated[
-        Optional[str], typer.Option("--split", help="Only the documents of this SFT split: train or validation.")
-    ] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N documents (by doc_id).")] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Refine again documents that already have a program of this model.")
-    ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Refine documents with the model (programs of origin model), then apply and stats."""
-
-    def body() -> None:
-        from refinex.spark.apply import run_apply
-        from refinex.spark.refine import run_refine
-        from refinex.spark.stats import run_stats
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        spark = _session(cfg, wd)
-        result = run_refine(
-            spark, cfg, wd, model, backend=backend, constrained=False if unconstrained else None,
-            split=split, limit=limit, force=force,
-        )
-        origin = {"origin": result["origin"], "origin_version": result["origin_version"]}
-        applied = run_apply(spark, cfg, wd, run_id=result["run_id"], **origin)
-        _print_json({"refine": result, "apply": applied, "stats": run_stats(spark, cfg, wd, run_id=result["run_id"], **origin)})
-
-    _run(body)
+    _command(
+        "pipeline",
+        "Run the whole flow and print both program origins side by side.\n\n"
+        "ingest -> expert -> distill -> apply -> stats (the distilled oracle), then sft_pairs -> train -> refine "
+        "-> apply -> stats with the refine model. The default trains model.base (tiny) on this run's distilled "
+        "programs; --model or --skip-train reuse a model.",
+        (*INGEST.params, *EXPERT_PARAMS, BASE_PARAM,
+         Param("model", "Refine with this model instead of training one: models:/NAME@ALIAS, models:/NAME/N or a "
+               "checkpoint folder."),
+         Param("skip_train", "Do not train: refine with the champion (models:/refinex-refiner@champion).",
+               kind="bool", default=False),
+         Param("skip_model", "Stop after the distilled programs (no sft_pairs, train, refine).", kind="bool",
+               default=False)),
+        _pipeline_body,
+    )
+    for stage in STAGES.values():
+        if stage.name == "refine":
+            no_apply = typer.Option(False, "--no-apply", help="Only write the programs (apply and stats run as "
+                                    "their own stages, as in the bundle's tasks).")
+            _command(stage.command, stage.help, stage.params, _refine_body, extra=(("no_apply", bool, no_apply),))
+        else:
+            _command(stage.command, stage.help, stage.params, _stage_body(stage))
 
 
 @app.command()
@@ -461,9 +311,12 @@ def setup(
     _run(body)
 
 
-def main() -> None:
-    """Console-script entry point (``refinex=refinex.cli:main``)."""
-    app()
+_register_commands()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point (``refinex=refinex.cli:main``); ``argv`` for ``jobs/``."""
+    app(args=list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

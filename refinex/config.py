@@ -6,21 +6,37 @@ profile only states what differs from the defaults; a path to any YAML file work
 way. Overrides are ``section.key=value`` strings whose values are parsed as YAML scalars
 (``spark.shuffle_partitions=4``, ``expert.options.timeout=30``). Files are read with
 ``yaml.safe_load`` only.
+
+Every key is checked at load time: unknown keys, the type of every scalar (from the
+dataclass annotations; ``Optional`` fields take ``null``, others do not) and each section's
+``validate``. Errors name the key and where its value came from:
+``<file>: <section.key>: <problem>`` for a profile file, ``--set section.key=value: ...`` for
+an override.
+
+The profiles, prompts (``prompts/``), expert settings (``experts/``) and base cards
+(``model/``) live in ``conf/`` at the repository root; the wheel ships the same files as the
+package data ``refinex/conf`` (see :func:`conf_dir`).
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import os
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields, is_dataclass, replace
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
 CONF_DIR_ENV = "REFINEX_CONF_DIR"
-"""Environment variable naming the folder of profiles (default: ``conf/`` of the repository)."""
+"""Environment variable naming the folder of profiles (default: the shipped ``conf/``)."""
 
 DEFAULT_PROFILE = "default"
+PROFILE_ENV = "REFINEX_CONFIG"
+"""Environment variable naming the profile used when none is given (jobs on a cluster)."""
 
 DELTA_LOCAL = "local"
 DELTA_CLUSTER = "cluster"
@@ -32,7 +48,17 @@ REFINE_BACKENDS = ("transformers", "vllm", "openai")
 
 
 class ConfigError(ValueError):
-    """A profile or override is missing, malformed or out of range."""
+    """A profile or override is missing, malformed or out of range.
+
+    ``key`` is the dotted setting (``spark.shuffle_partitions``) and ``source`` the file or
+    ``--set`` override its value came from, when known; the message is
+    ``<source>: <key>: <problem>``.
+    """
+
+    def __init__(self, problem: str, key: Optional[str] = None, source: Optional[str] = None) -> None:
+        self.problem, self.key, self.source = problem, key, source
+        text = f"{key}: {problem}" if key else problem
+        super().__init__(f"{source}: {text}" if source else text)
 
 
 @dataclass(frozen=True)
@@ -144,6 +170,7 @@ class ModelConfig:
     base: str = "tiny"
     tokenizer_corpus_docs: int = 1000
     tracking_uri: Optional[str] = None
+    registry_uri: Optional[str] = None
     experiment: str = "refinex-train"
     registered_name: str = "refinex-refiner"
     champion_alias: str = "champion"
@@ -193,13 +220,63 @@ class RefineConfig:
         _positive("refine.docs_per_partition", self.docs_per_partition)
 
 
+@dataclass(frozen=True)
+class TablesConfig:
+    """Where tables live (``refinex.spark.tables.TableResolver``).
+
+    ``catalog`` unset: path tables under ``<workdir>/delta/``, registered in the session
+    catalog as ``<schema>.<name>`` when ``register``; set: ``<catalog>.<schema>.<name>``.
+    """
+
+    catalog: Optional[str] = None
+    schema: str = "refinex"
+    register: bool = True
+
+    def validate(self) -> None:
+        for name in ("catalog", "schema"):
+            value = getattr(self, name)
+            if value is None and name == "catalog":
+                continue
+            if not isinstance(value, str) or not _IDENTIFIER.match(value):
+                raise ConfigError(f"tables.{name} must be a SQL identifier (letters, digits, _), got {value!r}")
+        if not isinstance(self.register, bool):
+            raise ConfigError(f"tables.register must be true or false, got {self.register!r}")
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    """What the stage envelope records besides ``stage_runs`` (``refinex.spark.stage``)."""
+
+    mlflow: bool = True  # log each stage's numeric statistics as metrics of an MLflow run
+    mlflow_experiment: str = "refinex-stages"
+
+    def validate(self) -> None:
+        if not isinstance(self.mlflow, bool):
+            raise ConfigError(f"stages.mlflow must be true or false, got {self.mlflow!r}")
+        if not self.mlflow_experiment:
+            raise ConfigError("stages.mlflow_experiment must not be empty")
+
+
 def _validate_train(settings: Mapping[str, Any]) -> None:
+    """``train`` holds :class:`refinex.model.train.TrainConfig` fields: keys and types checked."""
     from refinex.model.train import TrainConfig
 
+    known = {f.name for f in fields(TrainConfig)}
+    hints = _hints(TrainConfig)
+    for name, value in settings.items():
+        if name not in known:
+            raise ConfigError(_unknown(str(name), known), key=f"train.{name}")
+        _check_scalar(hints[name], value, f"train.{name}")
     try:
         TrainConfig.from_dict(settings)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"train: {exc}") from exc
+        word, _, rest = str(exc).partition(" ")
+        if word in known and rest:  # "truncation must be one of ...": name the setting
+            raise ConfigError(rest, key=f"train.{word}") from exc
+        raise ConfigError(str(exc), key="train") from exc
 
 
 @dataclass(frozen=True)
@@ -218,11 +295,13 @@ class Config:
     sft: SftConfig = field(default_factory=SftConfig)
     train: dict[str, Any] = field(default_factory=dict)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
 
     def validate(self) -> "Config":
         for section in (
             self.spark, self.ingest, self.expert, self.guardrails, self.chunking, self.apply,
-            self.model, self.sft, self.refine,
+            self.model, self.sft, self.refine, self.tables, self.stages,
         ):
             section.validate()
         _validate_train(self.train)
@@ -233,11 +312,10 @@ class Config:
         return asdict(self)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Config":
-        """A copy with dotted ``section.key`` overrides applied (values already typed)."""
-        data = self.to_dict()
-        for dotted, value in overrides.items():
-            _set_dotted(data, dotted, value)
-        return config_from_dict(data)
+        """A copy with dotted ``section.key`` overrides applied (values already typed).
+
+        Errors name the override as ``--set section.key=value``."""
+        return _apply_overrides(self, [(k, v, f"--set {k}={_show(v)}") for k, v in overrides.items()])
 
 
 def _positive(name: str, value: int) -> None:
@@ -246,29 +324,61 @@ def _positive(name: str, value: int) -> None:
 
 
 def conf_dir() -> Path:
-    """The folder holding the YAML profiles."""
+    """The folder holding the YAML profiles (and ``prompts/``, ``experts/``, ``model/``).
+
+    ``$REFINEX_CONF_DIR`` when set; else the package data ``refinex/conf`` of an installed
+    wheel; else ``conf/`` at the root of the source checkout (editable installs included).
+    """
     env = os.environ.get(CONF_DIR_ENV)
     if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "conf"
+        return Path(env).expanduser()
+    return _shipped_conf_dir()
+
+
+def _shipped_conf_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / f"{DEFAULT_PROFILE}.yaml").is_file():
+            return candidate
+    return here / "conf"
+
+
+def find_conf_file(*parts: str) -> Path:
+    """``<conf>/<parts...>`` (e.g. ``find_conf_file("prompts", "refine_v1.txt")``):
+    under ``$REFINEX_CONF_DIR`` when it has the file, else the shipped one (returned even
+    when missing, so the caller's error names it)."""
+    shipped = _shipped_conf_dir().joinpath(*parts)
+    env = os.environ.get(CONF_DIR_ENV)
+    if env:
+        in_env = Path(env).expanduser().joinpath(*parts)
+        if in_env.exists() or not shipped.exists():
+            return in_env
+    return shipped
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(path)) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a profile must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"a profile must be a mapping of sections, got {_describe(data)}", source=str(path))
     return data
+
+
+_FREE_MAPS = ("conf", "options")  # free-form maps: merged one level deep, keys may contain dots
 
 
 def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict) and key not in ("conf", "options"):
+        if value is None and isinstance(merged.get(key), dict) and key not in _FREE_MAPS:
+            continue  # an empty section (every key commented out) changes nothing
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict) and key not in _FREE_MAPS:
             merged[key] = _deep_merge(merged[key], value)
         elif isinstance(value, Mapping) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
@@ -277,42 +387,197 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
+# --- where each value came from -------------------------------------------------------------
+
+_KeyPath = tuple[str, ...]
+
+
+class _Sources:
+    """Which file or override set each key of the merged data (the last one wins)."""
+
+    def __init__(self, fallback: Optional[str] = None) -> None:
+        self.by_path: dict[_KeyPath, str] = {}
+        self.fallback = fallback
+
+    def record(self, data: Mapping[str, Any], source: str, prefix: _KeyPath = ()) -> None:
+        for key, value in data.items():
+            path = (*prefix, str(key))
+            self.by_path[path] = source
+            if isinstance(value, Mapping):
+                self.record(value, source, path)
+
+    def source_of(self, path: _KeyPath) -> Optional[str]:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.by_path:
+                return self.by_path[path[:n]]
+        return self.fallback
+
+    def error(self, path: _KeyPath, problem: str) -> ConfigError:
+        return ConfigError(problem, key=".".join(path), source=self.source_of(path))
+
+
+_KEYED_MESSAGE = re.compile(r"^(?P<key>[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+):? (?P<problem>.+)$", re.DOTALL)
+
+
+def _located(exc: ConfigError, sources: _Sources) -> ConfigError:
+    """``exc`` (from a ``validate``) with the source of its key added."""
+    if exc.source is not None:
+        return exc
+    key, problem = exc.key, exc.problem
+    if key is None:
+        match = _KEYED_MESSAGE.match(problem)
+        if match is not None:
+            key, problem = match["key"], match["problem"]
+    if key is None:
+        return ConfigError(problem, source=sources.fallback)
+    return ConfigError(problem, key=key, source=sources.source_of(tuple(key.split("."))))
+
+
+# --- types from the annotations -------------------------------------------------------------
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _split_optional(hint: Any) -> tuple[Any, bool]:
+    """``Optional[X]`` -> ``(X, True)``; ``X`` -> ``(X, False)``."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        return (args[0] if len(args) == 1 else Union[tuple(args)]), optional
+    return hint, False
+
+
+def _is_mapping_hint(hint: Any) -> bool:
+    origin = typing.get_origin(hint) or hint
+    return isinstance(origin, type) and issubclass(origin, Mapping) or origin is dict
+
+
+def _check_scalar(hint: Any, value: Any, key: str) -> Any:
+    """``value`` if it fits the annotation ``hint`` (ints are taken for floats), else ConfigError."""
+    inner, optional = _split_optional(hint)
+    if value is None:
+        if optional or inner is Any:
+            return None
+        raise ConfigError(f"missing value (expected {_expected(inner)})", key=key)
+    if inner is Any:
+        return value
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+    elif inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif inner is str:
+        if isinstance(value, str):
+            return value
+    elif _is_mapping_hint(inner):
+        if isinstance(value, Mapping):
+            return dict(value)
+    elif typing.get_origin(inner) in (Union, types.UnionType):
+        for option in typing.get_args(inner):
+            try:
+                return _check_scalar(option, value, key)
+            except ConfigError:
+                continue
+    else:
+        return value  # an annotation this checker does not know: the section's validate decides
+    raise ConfigError(f"expected {_expected(inner)}{' or null' if optional else ''}, got {_describe(value)}", key=key)
+
+
+def _expected(hint: Any) -> str:
+    if hint in _EXPECTED:
+        return _EXPECTED[hint]
+    if _is_mapping_hint(hint):
+        return "a mapping"
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_expected(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _unknown(name: str, known: Sequence[str] | set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key ({hint}known: {', '.join(sorted(known))})"
+
+
+def _section_type(hint: Any) -> Optional[type]:
+    inner, _ = _split_optional(hint)
+    return inner if isinstance(inner, type) and is_dataclass(inner) else None
+
+
+def _build(cls: type, data: Mapping[str, Any], path: _KeyPath, sources: _Sources) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
-        raise ConfigError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)}")
+        raise sources.error((*path, unknown[0]), _unknown(unknown[0], known))
+    hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = _field_default(known[name])
-        label = f"{where}.{name}" if where else name
-        if is_dataclass(default):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{label} must be a mapping")
-            kwargs[name] = _build(type(default), value, label)
-        elif isinstance(default, dict):
+        key = (*path, name)
+        section = _section_type(hints[name])
+        if section is not None:
             if value is None:
                 value = {}
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{label} must be a mapping")
+                raise sources.error(key, f"must be a section (a mapping), got {_describe(value)}")
+            kwargs[name] = _build(section, value, key, sources)
+        elif _is_mapping_hint(_split_optional(hints[name])[0]):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise sources.error(key, f"must be a mapping, got {_describe(value)}")
             kwargs[name] = dict(value)
         else:
-            kwargs[name] = value
+            try:
+                kwargs[name] = _check_scalar(hints[name], value, ".".join(key))
+            except ConfigError as exc:
+                raise sources.error(key, exc.problem) from None
     return cls(**kwargs)
-
-
-def _field_default(f: Field[Any]) -> Any:
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return f.default
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """A validated :class:`Config` from a plain mapping (unknown keys are errors)."""
-    config: Config = _build(Config, data, "")
+    return _config_from(data, _Sources())
+
+
+def _config_from(data: Mapping[str, Any], sources: _Sources) -> Config:
+    config: Config = _build(Config, data, (), sources)
     if config.spark.conf:
         config = _replace_spark_conf(config, {str(k): _conf_value(v) for k, v in config.spark.conf.items()})
-    return config.validate()
+    try:
+        return config.validate()
+    except ConfigError as exc:
+        raise _located(exc, sources) from None
 
 
 def _conf_value(value: Any) -> str:
@@ -325,51 +590,98 @@ def _replace_spark_conf(config: Config, conf: dict[str, str]) -> Config:
     return replace(config, spark=replace(config.spark, conf=conf))
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+_TOP_LEVEL_KEYS = ("workdir", "profile")
+
+
+def _sections() -> dict[str, type]:
+    """The sections of :class:`Config` that are dataclasses, by name."""
+    hints = _hints(Config)
+    return {f.name: section for f in fields(Config) if (section := _section_type(hints[f.name])) is not None}
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, label: Optional[str] = None) -> _KeyPath:
+    """Set ``section.key`` (or ``section.conf.<any.dotted.key>``) in ``data``; the key path set."""
     parts = dotted.split(".")
-    if len(parts) < 2 and parts[0] not in ("workdir", "profile"):
-        raise ConfigError(f"override {dotted!r}: expected section.key")
+    if len(parts) < 2 and parts[0] not in _TOP_LEVEL_KEYS:
+        candidates = [f"{name}.{parts[0]}" for name, section in _sections().items()
+                      if parts[0] in {f.name for f in fields(section)}]
+        hint = f" ({', '.join(candidates)}?)" if candidates else ""
+        raise ConfigError(f"expected section.key{hint}", key=dotted, source=label)
     node = data
     for index, part in enumerate(parts[:-1]):
         if part not in node:
-            raise ConfigError(f"override {dotted!r}: unknown key {part!r}")
+            where = ".".join(parts[: index + 1])
+            raise ConfigError(_unknown(part, set(node)), key=where, source=label)
         if not isinstance(node[part], dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-        if part in ("conf", "options") and index < len(parts) - 2:
+            raise ConfigError(f"{'.'.join(parts[: index + 1])} is not a section", key=dotted, source=label)
+        if part in _FREE_MAPS and index < len(parts) - 2:
             # keys of free-form maps may themselves contain dots (spark.sql.x)
-            node[part][".".join(parts[index + 1 :])] = value
-            return
+            rest = ".".join(parts[index + 1 :])
+            node[part][rest] = value
+            return (*parts[: index + 1], rest)
         node = node[part]
     node[parts[-1]] = value
+    return tuple(parts)
+
+
+def _show(value: Any) -> str:
+    """An override's value as it would be typed after ``--set key=``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        try:
+            plain = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else yaml.safe_dump(value, default_style="'").splitlines()[0]
+    if isinstance(value, (int, float)):
+        return str(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+
+
+def _apply_overrides(config: Config, items: Sequence[tuple[str, Any, str]]) -> Config:
+    """``config`` with ``(dotted key, typed value, label)`` overrides; errors name the label."""
+    data = config.to_dict()
+    sources = _Sources(fallback=items[0][2] if len(items) == 1 else None)
+    for dotted, value, label in items:
+        path = _set_dotted(data, dotted, value, label)
+        sources.by_path[path] = label
+        if isinstance(value, Mapping):
+            sources.record(value, label, path)
+    return _config_from(data, sources)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"section.key=value"`` -> ``("section.key", value)`` with the value parsed as YAML."""
+    label = f"--set {text}"
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
+        raise ConfigError("expected section.key=value", source=label)
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override {text!r}: empty key")
+        raise ConfigError("empty key", source=label)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: bad value: {exc}") from exc
+        raise ConfigError(f"bad value: {exc}", key=key, source=label) from exc
     return key, value
 
 
 def resolve_profile(profile_or_path: Optional[str]) -> Path:
     """The YAML file of a profile name (``conf/<name>.yaml``) or an explicit path."""
-    name = profile_or_path or DEFAULT_PROFILE
+    name = profile_or_path or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
     candidate = Path(name).expanduser()
     if candidate.suffix in (".yaml", ".yml") or "/" in name or os.sep in name:
         if not candidate.is_file():
             raise ConfigError(f"config file not found: {candidate}")
         return candidate
-    path = conf_dir() / f"{name}.yaml"
+    folder = conf_dir()
+    path = folder / f"{name}.yaml"
     if not path.is_file():
-        available = sorted(p.stem for p in conf_dir().glob("*.yaml"))
-        raise ConfigError(f"unknown profile {name!r} (available: {', '.join(available)})")
+        available = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"unknown profile {name!r} in {folder} (available: {', '.join(available)})")
     return path
 
 
@@ -380,23 +692,27 @@ def load_config(
     """Defaults, then ``conf/default.yaml``, then the profile, then the overrides.
 
     ``overrides`` is a mapping of dotted keys to typed values, or a sequence of
-    ``section.key=value`` strings.
+    ``section.key=value`` strings. Errors name the key and the file (or override) it came from.
     """
     data = Config().to_dict()
     default_file = conf_dir() / f"{DEFAULT_PROFILE}.yaml"
-    if default_file.is_file():
-        data = _deep_merge(data, _read_yaml(default_file))
     path = resolve_profile(profile_or_path)
-    if path.resolve() != default_file.resolve():
-        data = _deep_merge(data, _read_yaml(path))
+    sources = _Sources(fallback=str(path))
+    layers = [default_file] if default_file.is_file() else []
+    if not layers or path.resolve() != default_file.resolve():
+        layers.append(path)
+    for layer_path in layers:
+        layer = _read_yaml(layer_path)
+        data = _deep_merge(data, layer)
+        sources.record(layer, str(layer_path))
     data["profile"] = path.stem
-    config = config_from_dict(data)
+    config = _config_from(data, sources)
     if overrides:
         if _is_str_seq(overrides):
-            pairs = dict(parse_override(o) for o in overrides)  # type: ignore[union-attr]
+            items = [(*parse_override(o), f"--set {o}") for o in overrides]  # type: ignore[union-attr]
         else:
-            pairs = dict(overrides)  # type: ignore[arg-type]
-        config = config.with_overrides(pairs)
+            items = [(k, v, f"--set {k}={_show(v)}") for k, v in dict(overrides).items()]  # type: ignore[arg-type]
+        config = _apply_overrides(config, items)
     return config
 
 

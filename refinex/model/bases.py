@@ -86,11 +86,11 @@ class BaseProfile:
 
 
 def conf_dir() -> Path:
-    """The directory holding ``model/*.yaml``: ``$REFINEX_CONF_DIR`` or the repository's ``conf``."""
-    env = os.environ.get("REFINEX_CONF_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The directory holding ``model/*.yaml``: :func:`refinex.config.conf_dir`
+    (``$REFINEX_CONF_DIR``, the wheel's ``refinex/conf`` or the repository's ``conf``)."""
+    from refinex.config import conf_dir as _conf_dir
+
+    return _conf_dir()
 
 
 def default_cache_dir() -> Path:

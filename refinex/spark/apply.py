@@ -22,6 +22,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
 
 from refinex.config import Config
+from refinex.locations import driver_path
+from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import (
     DOCUMENTS,
     EXEC_STATS_FIELDS,
@@ -30,10 +32,8 @@ from refinex.spark.tables import (
     PROGRAMS,
     REFINED_DOCUMENTS,
     STAGE_RUNS,
-    merge_into,
-    new_run_id,
+    TableResolver,
     read_table,
-    record_stage_run,
     table_exists,
 )
 
@@ -57,12 +57,12 @@ class OriginError(LookupError):
     """No program origin could be determined."""
 
 
-def latest_applied_origin(spark: SparkSession, workdir: str) -> Optional[tuple[str, str]]:
+def latest_applied_origin(spark: SparkSession, tables: "TableResolver | str") -> Optional[tuple[str, str]]:
     """``(origin, origin_version)`` of the most recent ``apply`` run in ``stage_runs``."""
-    if not table_exists(spark, workdir, STAGE_RUNS):
+    if not table_exists(spark, tables, STAGE_RUNS):
         return None
     row = (
-        read_table(spark, workdir, STAGE_RUNS)
+        read_table(spark, tables, STAGE_RUNS)
         .where(F.col("stage") == STAGE)
         .orderBy(F.col("ended_at").desc(), F.col("run_id").desc())
         .select("params")
@@ -74,13 +74,13 @@ def latest_applied_origin(spark: SparkSession, workdir: str) -> Optional[tuple[s
     return str(params["origin"]), str(params["origin_version"])
 
 
-def default_origin_version(spark: SparkSession, config: Config, workdir: str, origin: str) -> str:
+def default_origin_version(spark: SparkSession, config: Config, tables: "TableResolver | str", origin: str) -> str:
     """The newest program version of ``origin`` (distilled: of the configured expert).
 
     Without distilled programs yet, the configured expert's current version is used, so
     every document still gets a row (``no_program`` / ``expert_failed``).
     """
-    programs = read_table(spark, workdir, PROGRAMS).where(F.col("origin") == origin)
+    programs = read_table(spark, tables, PROGRAMS).where(F.col("origin") == origin)
     if origin == ORIGIN_DISTILLED:
         programs = programs.where(F.col("origin_version").startswith(f"{config.expert.name}:"))
     row = (
@@ -95,13 +95,13 @@ def default_origin_version(spark: SparkSession, config: Config, workdir: str, or
         from refinex.spark.expert import expert_version
 
         return f"{config.expert.name}:{expert_version(config.expert.name, config.expert.options)}"
-    raise OriginError(f"no programs of origin {origin!r} in {workdir}; pass an origin version")
+    raise OriginError(f"no programs of origin {origin!r} in {tables}; pass an origin version")
 
 
 def resolve_origin(
     spark: SparkSession,
     config: Config,
-    workdir: str,
+    tables: "TableResolver | str",
     origin: Optional[str] = None,
     origin_version: Optional[str] = None,
     prefer_latest_apply: bool = False,
@@ -117,11 +117,11 @@ def resolve_origin(
     if origin is None and config.apply.origin_version is not None:
         return config.apply.origin, config.apply.origin_version
     if prefer_latest_apply:
-        latest = latest_applied_origin(spark, workdir)
+        latest = latest_applied_origin(spark, tables)
         if latest is not None and (origin is None or latest[0] == origin):
             return latest
     chosen = origin or config.apply.origin
-    return chosen, default_origin_version(spark, config, workdir, chosen)
+    return chosen, default_origin_version(spark, config, tables, chosen)
 
 
 def _apply_partition(max_error_ratio: float, min_kept_chars: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
@@ -186,21 +186,15 @@ def _exec_stats_column() -> Any:
     return F.when(F.col("ops_total").isNull(), F.lit(None)).otherwise(F.struct(*fields))
 
 
-def run_apply(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    origin: Optional[str] = None,
-    origin_version: Optional[str] = None,
-    run_id: Optional[str] = None,
+def apply_programs(
+    ctx: StageContext, origin: Optional[str] = None, origin_version: Optional[str] = None
 ) -> dict[str, Any]:
     """Execute the chosen programs over every document into ``refined_documents``."""
-    started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
-    origin, origin_version = resolve_origin(spark, config, workdir, origin, origin_version)
-    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "text")
+    spark, config, tables, run_id = ctx.spark, ctx.config, ctx.tables, ctx.run_id
+    origin, origin_version = resolve_origin(spark, config, tables, origin, origin_version)
+    documents = read_table(spark, tables, DOCUMENTS).select("doc_id", "text")
     programs = (
-        read_table(spark, workdir, PROGRAMS)
+        read_table(spark, tables, PROGRAMS)
         .where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
         .select("doc_id", "program")
     )
@@ -208,7 +202,7 @@ def run_apply(
     if origin == ORIGIN_DISTILLED:
         expert = origin_version.split(":", 1)[0]
         failures = (
-            read_table(spark, workdir, EXPERT_REFINEMENTS)
+            read_table(spark, tables, EXPERT_REFINEMENTS)
             .where(F.col("expert") == expert)
             .select("doc_id", F.col("status").alias("expert_status"))
         )
@@ -230,39 +224,34 @@ def run_apply(
             F.current_timestamp().alias("created_at"),
         )
     )
-    metrics = merge_into(spark, workdir, REFINED_DOCUMENTS, applied)
+    ctx.merge(REFINED_DOCUMENTS, applied)
     by_status = {
         r["status"]: int(r["n"])
-        for r in read_table(spark, workdir, REFINED_DOCUMENTS)
+        for r in read_table(spark, tables, REFINED_DOCUMENTS)
         .where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
         .groupBy("status")
         .agg(F.count(F.lit(1)).alias("n"))
         .collect()
     }
     stats: dict[str, Any] = {
-        "run_id": run_id,
         "origin": origin,
         "origin_version": origin_version,
         "documents": sum(by_status.values()),
         "by_status": dict(sorted(by_status.items())),
-        "rows_inserted": metrics["inserted"],
-        "rows_updated": metrics["updated"],
     }
-    log.info("apply %s/%s: %s", origin, origin_version, stats["by_status"])
-    params = {"origin": origin, "origin_version": origin_version,
-              "guardrails": {"max_error_ratio": g.max_error_ratio, "min_kept_chars": g.min_kept_chars}}
-    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
+    ctx.record(origin=origin, origin_version=origin_version,
+               guardrails={"max_error_ratio": g.max_error_ratio, "min_kept_chars": g.min_kept_chars})
     return stats
 
 
-def export_frame(spark: SparkSession, workdir: str, origin: str, origin_version: str) -> DataFrame:
+def export_frame(spark: SparkSession, tables: "TableResolver | str", origin: str, origin_version: str) -> DataFrame:
     """One row per document: doc_id, text, refined_text, status (null when never applied)."""
     refined = (
-        read_table(spark, workdir, REFINED_DOCUMENTS)
+        read_table(spark, tables, REFINED_DOCUMENTS)
         .where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
         .select("doc_id", "refined_text", "status")
     )
-    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "text")
+    documents = read_table(spark, tables, DOCUMENTS).select("doc_id", "text")
     return documents.join(refined, "doc_id", "left").select("doc_id", "text", "refined_text", "status")
 
 
@@ -273,21 +262,22 @@ def _open_output(path: Path) -> IO[str]:
     return path.open("w", encoding="utf-8", newline="\n")
 
 
-def run_export(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    output: str,
-    origin: Optional[str] = None,
-    origin_version: Optional[str] = None,
+def export_documents(
+    ctx: StageContext, output: str, origin: Optional[str] = None, origin_version: Optional[str] = None
 ) -> dict[str, Any]:
     """Write one JSON line per document (sorted by doc_id) to ``output`` (``.gz`` compresses).
 
-    The default origin is that of the most recent ``apply`` run.
+    The default origin is that of the most recent ``apply`` run. ``output`` is a file on the
+    driver (``dbfs:/Volumes/…`` through its FUSE path).
     """
-    origin, origin_version = resolve_origin(spark, config, workdir, origin, origin_version, prefer_latest_apply=True)
-    frame = export_frame(spark, workdir, origin, origin_version).orderBy("doc_id")
-    path = Path(output)
+    spark = ctx.spark
+    origin, origin_version = resolve_origin(spark, ctx.config, ctx.tables, origin, origin_version,
+                                            prefer_latest_apply=True)
+    frame = export_frame(spark, ctx.tables, origin, origin_version).orderBy("doc_id")
+    local = driver_path(output)
+    if local is None:
+        raise ValueError(f"export writes a file on the driver; {output!r} is on an object store")
+    path = local
     tmp = path.with_name(f".{path.name}.tmp")
     counts: dict[str, int] = {}
     n = 0
@@ -299,5 +289,32 @@ def run_export(
             counts[key] = counts.get(key, 0) + 1
             n += 1
     tmp.replace(path)
+    ctx.record(origin=origin, origin_version=origin_version)
     return {"output": str(path), "origin": origin, "origin_version": origin_version, "documents": n,
             "by_status": dict(sorted(counts.items()))}
+
+
+ORIGIN_PARAMS = (
+    Param("origin", "Program origin: distilled or model."),
+    Param("origin_version", "Program version, e.g. trafilatura:<expert version> (default: the newest)."),
+)
+
+APPLY = Stage(
+    name=STAGE,
+    help="Execute programs over every document into refined_documents (guardrails from the profile).",
+    reads=(DOCUMENTS, PROGRAMS, EXPERT_REFINEMENTS),
+    writes=(REFINED_DOCUMENTS,),
+    transform=apply_programs,
+    params=ORIGIN_PARAMS,
+    describe=lambda s: f"{s['origin']}/{s['origin_version']}: {s['by_status']}",
+)
+
+EXPORT = Stage(
+    name="export",
+    help="Write one JSON line per document: doc_id, text, refined_text, status (default origin: the latest apply).",
+    reads=(DOCUMENTS, REFINED_DOCUMENTS),
+    writes=(),
+    transform=export_documents,
+    params=(Param("output", "Output JSONL file (.gz compresses).", required=True, short="-o"), *ORIGIN_PARAMS),
+    describe=lambda s: f"{s['documents']} documents to {s['output']}",
+)

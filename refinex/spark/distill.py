@@ -16,35 +16,15 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, DoubleType, IntegerType, LongType, StringType, StructField, StructType
 
 from refinex.config import Config
-from refinex.spark.tables import (
-    DOCUMENTS,
-    EXPERT_REFINEMENTS,
-    ORIGIN_DISTILLED,
-    PROGRAMS,
-    merge_into,
-    new_run_id,
-    read_table,
-    record_stage_run,
-)
+from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.tables import DOCUMENTS, EXPERT_REFINEMENTS, ORIGIN_DISTILLED, PROGRAMS, TABLES
 
 log = logging.getLogger(__name__)
 
 STAGE = "distill"
 
-DISTILLED_SCHEMA = StructType([
-    StructField("doc_id", StringType(), False),
-    StructField("origin_version", StringType(), False),
-    StructField("program", StringType()),
-    StructField("n_ops", IntegerType()),
-    StructField("n_remove_lines", IntegerType()),
-    StructField("n_remove_str", IntegerType()),
-    StructField("n_keep_all", IntegerType()),
-    StructField("kept_chars", LongType()),
-    StructField("deleted_chars", LongType()),
-    StructField("inserted_chars", LongType()),
-    StructField("unrepresentable_ratio", DoubleType()),
-    StructField("exact", BooleanType()),
-])
+DISTILLED_SCHEMA = TABLES[PROGRAMS].project(exclude=("origin", "created_at"))
+"""What the workers return: the ``programs`` columns less those the driver adds."""
 _COLUMNS = [f.name for f in DISTILLED_SCHEMA.fields]
 _INT_COLUMNS = [f.name for f in DISTILLED_SCHEMA.fields if isinstance(f.dataType, (IntegerType, LongType))]
 
@@ -100,23 +80,16 @@ def _distill_partition() -> Callable[[Iterator[Any]], Iterator[Any]]:
     return run
 
 
-def run_distill(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    expert: Optional[str] = None,
-    run_id: Optional[str] = None,
-) -> dict[str, Any]:
+def distill_programs(ctx: StageContext, expert: Optional[str] = None) -> dict[str, Any]:
     """Distil every ``ok`` refinement of the expert into ``programs``; returns statistics."""
-    started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
+    config = ctx.config
     name = expert or config.expert.name
     refinements = (
-        read_table(spark, workdir, EXPERT_REFINEMENTS)
+        ctx.read(EXPERT_REFINEMENTS)
         .where((F.col("expert") == name) & (F.col("status") == "ok"))
         .select("doc_id", F.concat_ws(":", "expert", "expert_version").alias("origin_version"), "refined_text")
     )
-    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "text")
+    documents = ctx.read(DOCUMENTS).select("doc_id", "text")
     pairs = documents.join(refinements, "doc_id")
     versions = sorted(r[0] for r in pairs.select("origin_version").distinct().collect())
     metrics = {"inserted": 0, "updated": 0}
@@ -126,9 +99,9 @@ def run_distill(
             .mapInPandas(_distill_partition(), DISTILLED_SCHEMA)
             .withColumns({"origin": F.lit(ORIGIN_DISTILLED), "created_at": F.current_timestamp()})
         )
-        metrics = merge_into(spark, workdir, PROGRAMS, distilled)
+        metrics = ctx.merge(PROGRAMS, distilled)
     summary = (
-        read_table(spark, workdir, PROGRAMS)
+        ctx.read(PROGRAMS)
         .where((F.col("origin") == ORIGIN_DISTILLED) & F.col("origin_version").isin(versions))
         .join(pairs.select("doc_id", "origin_version"), ["doc_id", "origin_version"], "left_semi")
         .agg(
@@ -143,7 +116,6 @@ def run_distill(
         .first()
     ) if versions else None
     stats: dict[str, Any] = {
-        "run_id": run_id,
         "expert": name,
         "origin": ORIGIN_DISTILLED,
         "origin_versions": versions,
@@ -157,6 +129,16 @@ def run_distill(
         "rows_inserted": metrics["inserted"],
         "rows_updated": metrics["updated"],
     }
-    log.info("distill %s: %d programs (%d exact)", name, stats["programs"], stats["exact"])
-    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), {"expert": name}, stats)
+    ctx.record(expert=name)
     return stats
+
+
+DISTILL = Stage(
+    name=STAGE,
+    help="Distil the expert's refinements into deletion-only programs.",
+    reads=(DOCUMENTS, EXPERT_REFINEMENTS),
+    writes=(PROGRAMS,),
+    transform=distill_programs,
+    params=(Param("expert", "Expert whose refinements are distilled (default: expert.name of the profile)."),),
+    describe=lambda s: f"{s['expert']}: {s['programs']} programs ({s['exact']} exact, {s['failed']} failed)",
+)

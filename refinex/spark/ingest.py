@@ -29,7 +29,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
 from refinex.config import Config
-from refinex.spark.tables import DOCUMENTS, QUARANTINE, merge_into, new_run_id, record_stage_run, utf8_encodable
+from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.tables import DOCUMENTS, QUARANTINE, utf8_encodable
 
 log = logging.getLogger(__name__)
 
@@ -302,17 +303,14 @@ def _persist(df: DataFrame) -> tuple[DataFrame, bool]:
         return df, False
 
 
-def run_ingest(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    input_paths: str | Sequence[str],
+def ingest_documents(
+    ctx: StageContext,
+    input: str | Sequence[str],
     limit: Optional[int] = None,
-    run_id: Optional[str] = None,
 ) -> dict[str, Any]:
     """Ingest the input into ``documents`` and ``quarantine``; returns the stage statistics."""
-    started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
+    spark, config = ctx.spark, ctx.config
+    input_paths = input
     paths = [input_paths] if isinstance(input_paths, str) else list(input_paths)
     ic = config.ingest
     fmt = detect_format(paths, ic.format)
@@ -368,7 +366,7 @@ def run_ingest(
         if n_accepted:
             first = (F.col("kind") == KIND_DOC) & (F.col("dup_rank") == 1)
             documents = parsed.where(first).withColumn("ingested_at", now)
-            doc_metrics = merge_into(spark, workdir, DOCUMENTS, documents)
+            doc_metrics = ctx.merge(DOCUMENTS, documents)
         if n_quarantined:
             duplicates = parsed.where((F.col("kind") == KIND_DOC) & (F.col("dup_rank") > 1)).select(
                 "input_file", "line_no", "doc_id", "record",
@@ -379,7 +377,7 @@ def run_ingest(
                 "input_file", "line_no", "doc_id", "record", "reason", "detail"
             )
             quarantine = rejected.unionByName(duplicates).withColumns({"stage": F.lit(STAGE), "quarantined_at": now})
-            q_metrics = merge_into(spark, workdir, QUARANTINE, quarantine)
+            q_metrics = ctx.merge(QUARANTINE, quarantine)
     finally:
         if cached:
             parsed.unpersist()
@@ -394,7 +392,6 @@ def run_ingest(
             f"but {read} = {accepted} accepted + {quarantined} quarantined"
         )
     stats: dict[str, Any] = {
-        "run_id": run_id,
         "format": fmt,
         "read": read,
         "accepted": accepted,
@@ -406,8 +403,21 @@ def run_ingest(
         "quarantine_inserted": q_metrics["inserted"],
         "quarantine_updated": q_metrics["updated"],
     }
-    log.info("ingest: read %d = accepted %d + quarantined %d", read, accepted, quarantined)
     limits = ("n_shards", "max_text_chars", "max_html_chars", "max_record_chars")
-    params = {"input": paths, "limit": limit, "format": fmt, **{k: getattr(ic, k) for k in limits}}
-    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
+    ctx.record(input=paths, format=fmt, **{k: getattr(ic, k) for k in limits})
     return stats
+
+
+INGEST = Stage(
+    name=STAGE,
+    help="Read input records into the documents table (rejects go to quarantine with a reason).",
+    reads=(),
+    writes=(DOCUMENTS, QUARANTINE),
+    transform=ingest_documents,
+    params=(
+        Param("input", "Input JSONL(.gz)/Parquet file, folder or glob (repeatable).", kind="list", required=True,
+              short="-i"),
+        Param("limit", "Only the first N input records.", kind="int", minimum=0),
+    ),
+    describe=lambda s: f"read {s['read']} = accepted {s['accepted']} + quarantined {s['quarantined']}",
+)

@@ -4,9 +4,11 @@ refine model's programs (``model_uri`` skips training and uses that model; ``ref
 stops after the distilled programs). The model's apply and stats rows in ``stage_runs``
 carry the run id ``<run id>+model``.
 
-Every stage reads its inputs from Delta, writes its output idempotently and records its
-``stage_runs`` row, so rerunning the pipeline on the same input leaves every table as it
-was (``stage_runs`` gains the rows of the new run).
+The steps are ``refinex.spark.registry.pipeline_steps``: the same registry and stage
+envelope as the CLI's stage commands and the bundle's tasks. Every stage reads its inputs
+from Delta, writes its output idempotently and records its ``stage_runs`` row, so rerunning
+the pipeline on the same input leaves every table as it was (``stage_runs`` gains the rows
+of the new run).
 """
 from __future__ import annotations
 
@@ -17,18 +19,12 @@ from typing import Any, Optional, Sequence
 from pyspark.sql import SparkSession
 
 from refinex.config import Config
-from refinex.spark.apply import run_apply
-from refinex.spark.distill import run_distill
-from refinex.spark.expert import run_expert
-from refinex.spark.ingest import run_ingest
-from refinex.spark.stats import run_stats
-from refinex.spark.tables import ORIGIN_MODEL, TABLES, new_run_id, record_stage_run, table_path
+from refinex.spark.registry import MODEL_RUN_SUFFIX, REGISTERED_MODEL, pipeline_steps, run_steps
+from refinex.spark.stage import context
+from refinex.spark.tables import TABLES, new_run_id, record_stage_run
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "expert", "distill", "apply", "stats")
-MODEL_STAGES = ("sft_pairs", "train", "refine", "apply_model", "stats_model")
-MODEL_RUN_SUFFIX = "+model"
 PIPELINE = "pipeline"
 """``stage_runs.stage`` of the whole run: its params hold the full configuration."""
 
@@ -45,7 +41,8 @@ def run_pipeline(
     train: bool = True,
     refine: bool = True,
 ) -> dict[str, Any]:
-    """Run every stage; returns ``{"run_id", "workdir", <stage>: stats, ...}``.
+    """Run every step (``refinex.spark.registry.pipeline_steps``); returns ``{"run_id",
+    "workdir", "tables", <step key>: stats, ...}``.
 
     The model part: ``base`` overrides ``model.base``; ``model_uri`` (or ``train=False``,
     which means ``models:/<registered name>@<champion alias>``) refines with an existing
@@ -54,61 +51,21 @@ def run_pipeline(
     whole configuration of the run.
     """
     started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
-    result: dict[str, Any] = {"run_id": run_id, "workdir": workdir}
-    result["ingest"] = run_ingest(spark, config, workdir, input_paths, limit=limit, run_id=run_id)
-    result["expert"] = run_expert(spark, config, workdir, run_id=run_id)
-    result["distill"] = run_distill(spark, config, workdir, expert=result["expert"]["expert"], run_id=run_id)
-    origin_version = f"{result['expert']['expert']}:{result['expert']['expert_version']}"
-    origin = "distilled"
-    if config.apply.origin_version is not None:
-        origin, origin_version = config.apply.origin, config.apply.origin_version
-    result["apply"] = run_apply(spark, config, workdir, origin=origin, origin_version=origin_version, run_id=run_id)
-    result["stats"] = run_stats(spark, config, workdir, origin=origin, origin_version=origin_version, run_id=run_id)
-    if refine:
-        distilled = config.sft.origin_version or f"{result['expert']['expert']}:{result['expert']['expert_version']}"
-        result.update(_run_model(spark, config, workdir, run_id, distilled, base, model_uri, train))
+    ctx = context(spark, config, workdir, run_id or new_run_id())
+    training = train and model_uri is None
+    steps = pipeline_steps(train=training, refine=refine)
     paths = [input_paths] if isinstance(input_paths, str) else list(input_paths)
-    params = {"input": paths, "limit": limit, "config": config.to_dict(), "base": base, "model_uri": model_uri,
-              "train": train, "refine": refine}
-    summary = {stage: result[stage] for stage in (*STAGES, *MODEL_STAGES) if stage in result}
-    record_stage_run(spark, workdir, run_id, PIPELINE, started, datetime.now(timezone.utc), params, summary)
-    return result
-
-
-def _run_model(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    run_id: str,
-    distilled_version: str,
-    base: Optional[str],
-    model_uri: Optional[str],
-    train: bool,
-) -> dict[str, Any]:
-    """sft_pairs -> train -> refine -> apply -> stats (or refine with ``model_uri``)."""
-    from refinex.spark.refine import run_refine
-    from refinex.spark.sft import run_sft_pairs
-    from refinex.spark.train import run_train
-
-    result: dict[str, Any] = {}
-    if model_uri is None and train:
-        result["sft_pairs"] = run_sft_pairs(
-            spark, config, workdir, origin_version=distilled_version, base=base, run_id=run_id
-        )
-        result["train"] = run_train(spark, config, workdir, base=base, run_id=run_id)
-        model_uri = result["train"]["model_uri"]
-    elif model_uri is None:
-        model_uri = f"models:/{config.model.registered_name}@{config.model.champion_alias}"
-    result["refine"] = run_refine(spark, config, workdir, model_uri, run_id=run_id)
-    version = result["refine"]["origin_version"]
-    model_run = f"{run_id}{MODEL_RUN_SUFFIX}"
-    result["apply_model"] = run_apply(
-        spark, config, workdir, origin=ORIGIN_MODEL, origin_version=version, run_id=model_run
-    )
-    result["stats_model"] = run_stats(
-        spark, config, workdir, origin=ORIGIN_MODEL, origin_version=version, run_id=model_run
-    )
+    params: dict[str, dict[str, Any]] = {"ingest": {"input": paths, "limit": limit}}
+    if base is not None:
+        params["sft_pairs"] = params["train"] = {"base": base}
+    if model_uri is not None:
+        params["refine"] = {"model": model_uri}
+    result: dict[str, Any] = {"run_id": ctx.run_id, "workdir": workdir, "tables": ctx.tables.describe()}
+    run_steps(ctx, steps, params, results=result, external=() if training else (REGISTERED_MODEL,))
+    run_params = {"input": paths, "limit": limit, "config": ctx.config.to_dict(), "base": base,
+                  "model_uri": model_uri, "train": train, "refine": refine}
+    summary = {step.key: result[step.key] for step in steps}
+    record_stage_run(spark, ctx.tables, ctx.run_id, PIPELINE, started, datetime.now(timezone.utc), run_params, summary)
     return result
 
 
@@ -189,6 +146,6 @@ def format_summary(result: dict[str, Any]) -> str:
     lines.append(f"programs by origin ({'distilled oracle vs refine model' if len(origins) > 1 else stats['origin']}):")
     lines.extend(format_origins(origins))
     lines.append(f"chars in {stats['chars_in']:,}")
-    lines.append(f"tables: {table_path(result['workdir'], 'documents').rsplit('/', 1)[0]}/<table>")
+    lines.append(f"tables: {result['tables']}")
     lines.append("  " + ", ".join(TABLES))
     return "\n".join(lines)

@@ -45,17 +45,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, StructType
 
 from refinex.config import Config
-from refinex.spark.tables import (
-    DOCUMENTS,
-    MODEL_OUTPUTS,
-    ORIGIN_MODEL,
-    PROGRAMS,
-    merge_into,
-    new_run_id,
-    read_table,
-    record_stage_run,
-    table_version,
-)
+from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.tables import DOCUMENTS, MODEL_OUTPUTS, ORIGIN_MODEL, PROGRAMS, STAGE_RUNS
+from refinex.locations import is_local, local_path
 from refinex.spark.train import models_dir, tracking_uri_for
 
 log = logging.getLogger(__name__)
@@ -97,7 +89,8 @@ class ResolvedModel:
     origin_version: str
     registered_name: Optional[str] = None
     version: Optional[str] = None
-    tracking_uri: Optional[str] = None  # the MLflow store of registry and run URIs
+    tracking_uri: Optional[str] = None  # the MLflow store of run URIs
+    registry_uri: Optional[str] = None  # the MLflow model registry (None: the tracking store)
 
 
 # --- model resolution (driver) ---------------------------------------------------------------
@@ -151,9 +144,8 @@ def resolve_model(config: Config, workdir: str, model_uri: str, constrained: boo
     from refinex.tracking import resolve_model_uri
 
     suffix = decoding_suffix(config, constrained)
-    remote = model_uri.startswith(("models:", "runs:")) or ("://" in model_uri and not model_uri.startswith("file://"))
-    if not remote:
-        local = Path(model_uri[len("file://"):] if model_uri.startswith("file://") else model_uri).expanduser()
+    if is_local(model_uri):
+        local = local_path(model_uri)
         if not local.is_dir():
             raise FileNotFoundError(f"model {model_uri}: not a directory, nor a models:/ URI")
         checkpoint = resolve_model_uri(str(local.resolve()), models_dir(workdir))
@@ -163,11 +155,13 @@ def resolve_model(config: Config, workdir: str, model_uri: str, constrained: boo
     if match is None:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_uri).strip("_")[:120]
         checkpoint = resolve_model_uri(model_uri, models_dir(workdir) / "uri" / safe, tracking_uri=tracking_uri)
-        return ResolvedModel(model_uri, checkpoint, f"{model_uri}{suffix}", tracking_uri=tracking_uri)
+        return ResolvedModel(model_uri, checkpoint, f"{model_uri}{suffix}", tracking_uri=tracking_uri,
+                             registry_uri=config.model.registry_uri)
     from mlflow import MlflowClient
 
     name = match["name"]
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    registry_uri = config.model.registry_uri or tracking_uri
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     try:
         if match["version"] is not None:
             model_version = client.get_model_version(name, match["version"])
@@ -181,9 +175,9 @@ def resolve_model(config: Config, workdir: str, model_uri: str, constrained: boo
     checkpoint = _cached_checkpoint(target, str(model_version.source))
     if checkpoint is None:
         shutil.rmtree(target, ignore_errors=True)
-        checkpoint = resolve_model_uri(pinned, target, tracking_uri=tracking_uri)
+        checkpoint = resolve_model_uri(pinned, target, tracking_uri=tracking_uri, registry_uri=registry_uri)
         (target / _SOURCE_FILE).write_text(str(model_version.source), encoding="utf-8")
-    return ResolvedModel(pinned, checkpoint, f"{name}/{version}{suffix}", name, version, tracking_uri)
+    return ResolvedModel(pinned, checkpoint, f"{name}/{version}{suffix}", name, version, tracking_uri, registry_uri)
 
 
 def _cached_checkpoint(target: Path, source: str) -> Optional[Path]:
@@ -224,7 +218,7 @@ def _limit_cpu_threads() -> None:
         torch.set_num_threads(max(1, int(context.cpus())))
 
 
-def _worker_checkpoint(checkpoint: str, uri: str, tracking_uri: Optional[str]) -> str:
+def _worker_checkpoint(checkpoint: str, uri: str, tracking_uri: Optional[str], registry_uri: Optional[str]) -> str:
     """The checkpoint on this worker: the driver's path when visible, else downloaded once."""
     if Path(checkpoint).is_dir():
         return checkpoint
@@ -234,7 +228,7 @@ def _worker_checkpoint(checkpoint: str, uri: str, tracking_uri: Optional[str]) -
 
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", uri).strip("_")[:120]
         target = Path(tempfile.gettempdir()) / "refinex-models" / f"{safe}-{os.getpid()}"
-        cached = str(resolve_model_uri(uri, target, tracking_uri=tracking_uri))
+        cached = str(resolve_model_uri(uri, target, tracking_uri=tracking_uri, registry_uri=registry_uri))
         _MODEL_DIRS[uri] = cached
     return cached
 
@@ -246,6 +240,7 @@ def worker_backend(
     tracking_uri: Optional[str],
     options_json: str,
     load_log: Optional[str],
+    registry_uri: Optional[str] = None,
 ) -> tuple[Any, bool]:
     """``(backend, loaded_now)``: this process's backend for the key, created on first use.
 
@@ -272,7 +267,7 @@ def worker_backend(
         if not target:
             raise ValueError("the openai backend needs refine.options.base_url")
     else:
-        target = _worker_checkpoint(checkpoint, uri, tracking_uri)
+        target = _worker_checkpoint(checkpoint, uri, tracking_uri, registry_uri)
     backend = load_backend(kind, target, **options)
     _BACKENDS[key] = backend
     if load_log:
@@ -370,6 +365,7 @@ def _refine_partition(
     tokenizer_files: Mapping[str, bytes],
     max_tokens: int,
     load_log: Optional[str],
+    registry_uri: Optional[str] = None,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """The ``mapInPandas`` function: (doc_id, text) -> ``REFINED_SCHEMA`` rows."""
 
@@ -378,15 +374,15 @@ def _refine_partition(
 
         from refinex.chunking import hf_token_counter
         from refinex.spark.refine import worker_backend
-        from refinex.spark.sft import _tokenizer
+        from refinex.spark.sft import cached_tokenizer
 
-        count = hf_token_counter(_tokenizer(tokenizer_key, tokenizer_files))
+        count = hf_token_counter(cached_tokenizer(tokenizer_key, tokenizer_files))
         pid = os.getpid()
         for batch in batches:
             if batch.empty:
                 continue
             # Loaded on the first non-empty batch: an empty partition never loads a model.
-            backend, loaded = worker_backend(kind, checkpoint, uri, tracking_uri, options_json, load_log)
+            backend, loaded = worker_backend(kind, checkpoint, uri, tracking_uri, options_json, load_log, registry_uri)
             rows = refine_documents(backend, count, list(zip(batch["doc_id"], batch["text"])), max_tokens)
             for index, row in enumerate(rows):
                 row["worker_pid"] = pid
@@ -413,10 +409,9 @@ def _split_filter(fraction: float) -> Any:
     return F.udf(split_of, StringType())
 
 
-def _select_documents(
-    spark: SparkSession, config: Config, workdir: str, split: Optional[str], limit: Optional[int]
-) -> DataFrame:
-    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "text")
+def _select_documents(ctx: StageContext, split: Optional[str], limit: Optional[int]) -> DataFrame:
+    config = ctx.config
+    documents = ctx.read(DOCUMENTS).select("doc_id", "text")
     if split is not None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -440,28 +435,46 @@ def decode_options(config: Config, constrained: bool, backend: str) -> dict[str,
     return options
 
 
-def run_refine(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    model_uri: str,
+def champion_uri(config: Config) -> str:
+    """``models:/<registered name>@<champion alias>``."""
+    return f"models:/{config.model.registered_name}@{config.model.champion_alias}"
+
+
+def trained_in_run(ctx: StageContext) -> Optional[str]:
+    """The model the ``train`` stage of this run id registered (``stage_runs``), if any:
+    a job whose tasks run as separate processes refines with the model it just trained,
+    as ``refinex pipeline`` does, not with an older champion."""
+    row = (
+        ctx.read(STAGE_RUNS)
+        .where((F.col("run_id") == ctx.run_id) & (F.col("stage") == "train"))
+        .select("stats")
+        .first()
+    )
+    return None if row is None else json.loads(row["stats"]).get("model_uri")
+
+
+def refine_documents_with_model(
+    ctx: StageContext,
+    model: Optional[str] = None,
     backend: Optional[str] = None,
-    constrained: Optional[bool] = None,
+    unconstrained: bool = False,
     split: Optional[str] = None,
     limit: Optional[int] = None,
     force: bool = False,
-    run_id: Optional[str] = None,
 ) -> dict[str, Any]:
     """Refine documents with the model into ``programs`` and ``model_outputs``.
 
-    ``split`` restricts the documents to one SFT split (``train`` or ``validation``, by the
-    hash of the doc id); ``limit`` to the first N doc ids. Returns statistics, among them
-    ``origin``/``origin_version`` for ``apply`` and ``stats``.
+    ``model`` defaults to the model trained in this run (:func:`trained_in_run`), else the
+    champion; ``unconstrained`` turns grammar-constrained decoding
+    off (default: ``refine.constrained``). ``split`` restricts the documents to one SFT split
+    (``train`` or ``validation``, by the hash of the doc id); ``limit`` to the first N doc
+    ids. Returns statistics, among them ``origin``/``origin_version`` for ``apply`` and ``stats``.
     """
     from refinex.spark.sft import tokenizer_files, tokenizer_id
 
-    started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
+    spark, config, workdir, run_id = ctx.spark, ctx.config, ctx.workdir, ctx.run_id
+    model_uri = model or trained_in_run(ctx) or champion_uri(config)
+    constrained = False if unconstrained else None
     rc = config.refine
     kind = backend or rc.backend
     use_constraints = rc.constrained if constrained is None else constrained
@@ -469,12 +482,12 @@ def run_refine(
     origin_version = resolved.origin_version
     options_json = json.dumps(decode_options(config, use_constraints, kind), sort_keys=True)
 
-    documents = _select_documents(spark, config, workdir, split, limit)
-    before = table_version(spark, workdir, PROGRAMS)
+    documents = _select_documents(ctx, split, limit)
+    before = ctx.version(PROGRAMS)
     todo = documents
     if not force:
         done = (
-            read_table(spark, workdir, PROGRAMS, version=before)
+            ctx.read(PROGRAMS, version=before)
             .where((F.col("origin") == ORIGIN_MODEL) & (F.col("origin_version") == origin_version))
             .select("doc_id")
         )
@@ -491,7 +504,7 @@ def run_refine(
         function = _refine_partition(
             kind, str(resolved.checkpoint), resolved.uri, resolved.tracking_uri, options_json,
             tokenizer_id(resolved.checkpoint), tokenizer_files(resolved.checkpoint),
-            config.chunking.max_tokens, rc.load_log,
+            config.chunking.max_tokens, rc.load_log, resolved.registry_uri,
         )
         refined = todo.repartition(partitions, "doc_id").mapInPandas(function, REFINED_SCHEMA)
         refined = refined.persist(StorageLevel.MEMORY_AND_DISK)
@@ -508,7 +521,7 @@ def run_refine(
                                                  "unrepresentable_ratio", "exact")],
                 F.current_timestamp().alias("created_at"),
             )
-            metrics = merge_into(spark, workdir, PROGRAMS, programs)
+            metrics = ctx.merge(PROGRAMS, programs)
             outputs = refined.select(
                 "doc_id",
                 F.lit(origin_version).alias("origin_version"),
@@ -518,7 +531,7 @@ def run_refine(
                 "n_chunks", "outputs", "parse_errors", "ops_out_of_chunk", "invalid_chunks",
                 F.current_timestamp().alias("created_at"),
             )
-            merge_into(spark, workdir, MODEL_OUTPUTS, outputs)
+            ctx.merge(MODEL_OUTPUTS, outputs)
             row = refined.agg(
                 F.count(F.lit(1)).alias("documents"),
                 F.sum("n_chunks").alias("chunks"),
@@ -535,7 +548,6 @@ def run_refine(
         finally:
             refined.unpersist()
     stats: dict[str, Any] = {
-        "run_id": run_id,
         "model_uri": model_uri,
         "checkpoint": str(resolved.checkpoint),
         "origin": ORIGIN_MODEL,
@@ -555,15 +567,32 @@ def run_refine(
         "rows_inserted": metrics["inserted"],
         "rows_updated": metrics["updated"],
     }
-    log.info(
-        "refine %s: %d documents (%d chunks) in %.1fs, %d invalid chunks, %d model load(s) in %d process(es)",
-        origin_version, n_todo, stats["chunks"], seconds, stats["invalid_chunks"], stats["model_loads"],
-        stats["worker_processes"],
+    ctx.record(
+        model_uri=model_uri, resolved_uri=resolved.uri, origin_version=origin_version, backend=kind,
+        options=json.loads(options_json), max_tokens=config.chunking.max_tokens,
+        docs_per_partition=rc.docs_per_partition,
     )
-    params = {
-        "model_uri": model_uri, "resolved_uri": resolved.uri, "origin_version": origin_version, "backend": kind,
-        "options": json.loads(options_json), "split": split, "limit": limit, "force": force,
-        "max_tokens": config.chunking.max_tokens, "docs_per_partition": rc.docs_per_partition,
-    }
-    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
     return stats
+
+
+REFINE = Stage(
+    name=STAGE,
+    help="Refine documents with the refine model into programs of origin model (then apply and stats).",
+    reads=(DOCUMENTS, PROGRAMS),
+    writes=(PROGRAMS, MODEL_OUTPUTS),
+    transform=refine_documents_with_model,
+    params=(
+        Param("model", "models:/refinex-refiner@champion, models:/refinex-refiner/N, any MLflow model URI or a "
+              "checkpoint folder (default: the model trained in this run id, else the champion).", short="-m"),
+        Param("backend", "transformers, vllm or openai (default: refine.backend)."),
+        Param("unconstrained", "Plain decoding instead of grammar-constrained decoding.", kind="bool", default=False),
+        Param("split", "Only the documents of this SFT split: train or validation."),
+        Param("limit", "Only the first N documents (by doc_id).", kind="int", minimum=1),
+        Param("force", "Refine again documents that already have a program of this model.", kind="bool",
+              default=False),
+    ),
+    resources="gpu",
+    describe=lambda s: (f"{s['origin_version']}: {s['processed']} documents ({s['chunks']} chunks) in "
+                        f"{s['generate_seconds']}s, {s['invalid_chunks']} invalid chunks, {s['model_loads']} model "
+                        f"load(s) in {s['worker_processes']} process(es)"),
+)

@@ -30,41 +30,22 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, StructType
 
 from refinex.config import Config
-from refinex.spark.tables import (
-    DOCUMENTS,
-    ORIGIN_DISTILLED,
-    PROGRAMS,
-    SFT_PAIRS,
-    merge_into,
-    new_run_id,
-    read_table,
-    record_stage_run,
-    table_version,
-)
+from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.tables import DOCUMENTS, ORIGIN_DISTILLED, PROGRAMS, SFT_PAIRS, TABLES, TableResolver, read_table
 
 log = logging.getLogger(__name__)
 
 STAGE = "sft_pairs"
 
-PAIRS_SCHEMA = StructType([
-    StructField("doc_id", StringType(), False),
-    StructField("chunk_idx", IntegerType(), False),
-    StructField("split", StringType(), False),
-    StructField("prompt", StringType(), False),
-    StructField("target", StringType(), False),
-    StructField("start_line", IntegerType(), False),
-    StructField("end_line", IntegerType(), False),
-    StructField("n_prompt_tokens", IntegerType()),
-    StructField("truncated_lines", ArrayType(IntegerType())),
-    StructField("n_chunks", IntegerType()),
-])
+PAIRS_SCHEMA = TABLES[SFT_PAIRS].project(exclude=("origin_version", "base_tokenizer", "prompt_version", "created_at"))
+"""What the workers return: the ``sft_pairs`` columns less those the driver adds."""
 _COLUMNS = [f.name for f in PAIRS_SCHEMA.fields]
 
 # Files of a checkpoint that are never needed to load its tokenizer.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".png")
 _MAX_TOKENIZER_FILE_BYTES = 64 << 20
 
-# Per worker process: tokenizer id -> loaded tokenizer (see ``_tokenizer``).
+# Per worker process: tokenizer id -> loaded tokenizer (see ``cached_tokenizer``).
 _TOKENIZERS: dict[str, Any] = {}
 
 
@@ -91,7 +72,7 @@ def tokenizer_id(checkpoint: Path) -> str:
     return f"{Path(checkpoint).name}:{digest.hexdigest()[:12]}"
 
 
-def _tokenizer(key: str, files: Mapping[str, bytes]) -> Any:
+def cached_tokenizer(key: str, files: Mapping[str, bytes]) -> Any:
     """The tokenizer ``key``, loaded once per process from ``files``.
 
     The files are written once per machine to ``<tmp>/refinex-tokenizers/<hash of key>``
@@ -119,28 +100,28 @@ def _tokenizer(key: str, files: Mapping[str, bytes]) -> Any:
     return tokenizer
 
 
-def resolve_sft_version(spark: SparkSession, config: Config, workdir: str, origin_version: Optional[str] = None) -> str:
+def resolve_sft_version(spark: SparkSession, config: Config, tables: "TableResolver | str", origin_version: Optional[str] = None) -> str:
     """The distilled program version to build pairs from (argument, ``sft.origin_version``,
     else the newest distilled version of the configured expert)."""
     from refinex.spark.apply import default_origin_version
 
     chosen = origin_version or config.sft.origin_version
-    return chosen or default_origin_version(spark, config, workdir, ORIGIN_DISTILLED)
+    return chosen or default_origin_version(spark, config, tables, ORIGIN_DISTILLED)
 
 
-def _labelled_documents(spark: SparkSession, workdir: str, origin_version: str) -> Any:
+def _labelled_documents(spark: SparkSession, tables: "TableResolver | str", origin_version: str) -> Any:
     """``documents`` joined with the version's distilled programs: doc_id, text, program."""
     programs = (
-        read_table(spark, workdir, PROGRAMS)
+        read_table(spark, tables, PROGRAMS)
         .where((F.col("origin") == ORIGIN_DISTILLED) & (F.col("origin_version") == origin_version))
         .where(F.col("program").isNotNull())
         .select("doc_id", "program")
     )
-    return read_table(spark, workdir, DOCUMENTS).select("doc_id", "text").join(programs, "doc_id")
+    return read_table(spark, tables, DOCUMENTS).select("doc_id", "text").join(programs, "doc_id")
 
 
 def prepare_sft_base(
-    spark: SparkSession, config: Config, workdir: str, base: str, origin_version: str
+    spark: SparkSession, config: Config, tables: "TableResolver | str", base: str, origin_version: str
 ) -> Path:
     """The base checkpoint (on the driver) whose tokenizer cuts the chunks.
 
@@ -154,7 +135,7 @@ def prepare_sft_base(
     corpus: list[str] = []
     limit = config.model.tokenizer_corpus_docs
     if limit and base in list_profiles() and load_profile(base).kind == "tiny":
-        labelled = _labelled_documents(spark, workdir, origin_version)
+        labelled = _labelled_documents(spark, tables, origin_version)
         fraction = float(config.sft.validation_fraction)
         ids = sorted(
             doc_id for (doc_id,) in labelled.select("doc_id").collect() if assign_split(doc_id, fraction) == TRAIN
@@ -177,7 +158,7 @@ def _pairs_partition(
         from refinex.chunking import hf_token_counter
         from refinex.model.sft import InvalidProgramError, build_sft_pairs
 
-        count = hf_token_counter(_tokenizer(key, files))
+        count = hf_token_counter(cached_tokenizer(key, files))
         for batch in batches:
             rows: list[dict[str, Any]] = []
             for doc_id, text, program in zip(batch["doc_id"], batch["text"], batch["program"]):
@@ -198,19 +179,11 @@ def _pairs_partition(
     return run
 
 
-def run_sft_pairs(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    origin_version: Optional[str] = None,
-    base: Optional[str] = None,
-    run_id: Optional[str] = None,
-) -> dict[str, Any]:
+def build_sft_pairs(ctx: StageContext, origin_version: Optional[str] = None, base: Optional[str] = None) -> dict[str, Any]:
     """Rebuild ``sft_pairs`` from the distilled programs of one version; returns statistics."""
     from refinex.model.prompts import PROMPT_VERSION
 
-    started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
+    spark, config, workdir = ctx.spark, ctx.config, ctx.tables
     version = resolve_sft_version(spark, config, workdir, origin_version)
     base_name = base or config.model.base
     checkpoint = prepare_sft_base(spark, config, workdir, base_name, version)
@@ -232,10 +205,10 @@ def run_sft_pairs(
             "created_at": F.current_timestamp(),
         })
     )
-    metrics = merge_into(spark, workdir, SFT_PAIRS, pairs, delete_missing=True)
+    metrics = ctx.merge(SFT_PAIRS, pairs, delete_missing=True)
     summary = {
         r["split"]: r
-        for r in read_table(spark, workdir, SFT_PAIRS)
+        for r in ctx.read(SFT_PAIRS)
         .groupBy("split")
         .agg(
             F.count(F.lit(1)).alias("pairs"),
@@ -251,7 +224,6 @@ def run_sft_pairs(
         return sum(int(r[column] or 0) for r in summary.values())
 
     stats: dict[str, Any] = {
-        "run_id": run_id,
         "origin_version": version,
         "base": base_name,
         "base_tokenizer": key,
@@ -268,19 +240,34 @@ def run_sft_pairs(
             f"{split}_documents": int(summary[split]["documents"]) if split in summary else 0
             for split in ("train", "validation")
         },
-        "table_version": table_version(spark, workdir, SFT_PAIRS),
+        "table_version": ctx.version(SFT_PAIRS),
         "rows_inserted": metrics["inserted"],
         "rows_updated": metrics["updated"],
         "rows_deleted": metrics.get("deleted", 0),
     }
-    log.info(
-        "sft_pairs %s: %d pairs (%d train, %d validation) from %d documents",
-        version, stats["pairs"], stats["train_pairs"], stats["validation_pairs"], stats["documents_with_pairs"],
+    ctx.record(
+        origin_version=version, base=base_name, base_tokenizer=key, base_path=str(checkpoint),
+        max_tokens=config.chunking.max_tokens, validation_fraction=float(config.sft.validation_fraction),
+        tokenizer_corpus_docs=config.model.tokenizer_corpus_docs,
     )
-    params = {
-        "origin_version": version, "base": base_name, "base_tokenizer": key, "base_path": str(checkpoint),
-        "max_tokens": config.chunking.max_tokens, "validation_fraction": float(config.sft.validation_fraction),
-        "tokenizer_corpus_docs": config.model.tokenizer_corpus_docs,
-    }
-    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
     return stats
+
+
+BASE_PARAM = Param(
+    "base", "Base of the refine model: tiny, smollm2-135m-l12, smollm2-135m, qwen3-0.6b-base or a checkpoint "
+    "folder (default: model.base of the profile).",
+)
+
+SFT_PAIRS_STAGE = Stage(
+    name=STAGE,
+    help="Rebuild sft_pairs: one (prompt, target) pair per chunk of every distilled program.",
+    reads=(DOCUMENTS, PROGRAMS),
+    writes=(SFT_PAIRS,),
+    transform=build_sft_pairs,
+    params=(
+        Param("origin_version", "Distilled program version (default: the newest of the expert)."),
+        BASE_PARAM,
+    ),
+    describe=lambda s: (f"{s['origin_version']}: {s['pairs']} pairs ({s['train_pairs']} train, "
+                        f"{s['validation_pairs']} validation) from {s['documents_with_pairs']} documents"),
+)

@@ -10,26 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from refinex.config import Config
-from refinex.spark.apply import resolve_origin
-from refinex.spark.tables import (
-    DOCUMENTS,
-    EDIT_STATS,
-    EXEC_STATS_FIELDS,
-    REFINED_DOCUMENTS,
-    merge_into,
-    new_run_id,
-    read_table,
-    record_stage_run,
-)
+from refinex.spark.apply import ORIGIN_PARAMS, resolve_origin
+from refinex.spark.stage import Stage, StageContext
+from refinex.spark.tables import DOCUMENTS, EDIT_STATS, EXEC_STATS_FIELDS, REFINED_DOCUMENTS, TableResolver, read_table
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +26,19 @@ STAGE = "stats"
 HIST_BINS = 20
 
 
-def _local_dir(workdir: str) -> Optional[Path]:
-    """``workdir`` as a local folder, or None for remote stores (dbfs:/, gs://, s3://, ...)."""
-    parsed = urlparse(workdir)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme == "file" else workdir)
-    return None
-
-
-def write_report_plot(
-    spark: SparkSession, workdir: str, origin: str, origin_version: str, by_status: dict[str, int]
-) -> Optional[str]:
+def write_report_plot(ctx: StageContext, origin: str, origin_version: str, by_status: dict[str, int]) -> Optional[str]:
     """PNG of the deletion-ratio histogram and statuses under ``<workdir>/reports/``.
 
-    The histogram is computed in Spark; only the bin counts reach the driver. Remote
-    workdirs get no plot (the numbers are in ``edit_stats`` and ``stage_runs``).
+    The histogram is computed in Spark; only the bin counts reach the driver. Workdirs on
+    object stores get no plot (the numbers are in ``edit_stats`` and ``stage_runs``).
     """
-    local = _local_dir(workdir)
+    local = ctx.driver_dir
     if local is None:
-        log.info("stats: no plot for the remote workdir %s", workdir)
+        log.info("stats: no plot for the remote workdir %s", ctx.workdir)
         return None
     from refinex.evaluation.plots import plot_edit_stats
 
-    rows = read_table(spark, workdir, EDIT_STATS).where(
+    rows = ctx.read(EDIT_STATS).where(
         (F.col("origin") == origin) & (F.col("origin_version") == origin_version)
         & F.col("deletion_ratio").isNotNull()
     )
@@ -71,9 +50,9 @@ def write_report_plot(
     return str(out)
 
 
-def summarize(spark: SparkSession, workdir: str, origin: str, origin_version: str) -> dict[str, Any]:
+def summarize(spark: SparkSession, tables: "TableResolver | str", origin: str, origin_version: str) -> dict[str, Any]:
     """Documents per status, mean deletion ratio and total characters of one origin's rows."""
-    rows = read_table(spark, workdir, EDIT_STATS).where(
+    rows = read_table(spark, tables, EDIT_STATS).where(
         (F.col("origin") == origin) & (F.col("origin_version") == origin_version)
     )
     by_status = {
@@ -99,22 +78,17 @@ def summarize(spark: SparkSession, workdir: str, origin: str, origin_version: st
     }
 
 
-def run_stats(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    origin: Optional[str] = None,
-    origin_version: Optional[str] = None,
-    run_id: Optional[str] = None,
+def edit_statistics(
+    ctx: StageContext, origin: Optional[str] = None, origin_version: Optional[str] = None
 ) -> dict[str, Any]:
     """Write ``edit_stats`` for one program origin (default: the latest ``apply`` run's)."""
-    started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
-    origin, origin_version = resolve_origin(spark, config, workdir, origin, origin_version, prefer_latest_apply=True)
-    refined = read_table(spark, workdir, REFINED_DOCUMENTS).where(
+    spark, run_id = ctx.spark, ctx.run_id
+    origin, origin_version = resolve_origin(spark, ctx.config, ctx.tables, origin, origin_version,
+                                            prefer_latest_apply=True)
+    refined = ctx.read(REFINED_DOCUMENTS).where(
         (F.col("origin") == origin) & (F.col("origin_version") == origin_version)
     )
-    documents = read_table(spark, workdir, DOCUMENTS).select("doc_id", "source", "shard", "n_chars", "n_lines")
+    documents = ctx.read(DOCUMENTS).select("doc_id", "source", "shard", "n_chars", "n_lines")
     joined = refined.join(documents, "doc_id")
     measured = {
         f.name: F.col(f"exec_stats.{f.name}")
@@ -129,19 +103,23 @@ def run_stats(
         *[column.alias(name) for name, column in measured.items()],
         F.current_timestamp().alias("created_at"),
     )
-    metrics = merge_into(spark, workdir, EDIT_STATS, rows)
+    ctx.merge(EDIT_STATS, rows)
     stats: dict[str, Any] = {
-        "run_id": run_id,
         "origin": origin,
         "origin_version": origin_version,
-        **summarize(spark, workdir, origin, origin_version),
-        "rows_inserted": metrics["inserted"],
-        "rows_updated": metrics["updated"],
+        **summarize(spark, ctx.tables, origin, origin_version),
     }
-    stats["plot"] = write_report_plot(spark, workdir, origin, origin_version, stats["by_status"])
-    log.info("stats %s/%s: %s", origin, origin_version, stats["by_status"])
-    record_stage_run(
-        spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc),
-        {"origin": origin, "origin_version": origin_version}, stats,
-    )
+    stats["plot"] = write_report_plot(ctx, origin, origin_version, stats["by_status"])
+    ctx.record(origin=origin, origin_version=origin_version)
     return stats
+
+
+STATS = Stage(
+    name=STAGE,
+    help="Write edit_stats (one row per document) for one program origin and print the summary.",
+    reads=(DOCUMENTS, REFINED_DOCUMENTS),
+    writes=(EDIT_STATS,),
+    transform=edit_statistics,
+    params=ORIGIN_PARAMS,
+    describe=lambda s: f"{s['origin']}/{s['origin_version']}: {s['by_status']}",
+)

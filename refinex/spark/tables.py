@@ -1,6 +1,7 @@
 """Delta tables: names, explicit schemas, paths and idempotent writers.
 
-Every table lives at ``<workdir>/delta/<name>`` and has a key. Writers MERGE on the key:
+Every table has a key and lives where :class:`TableResolver` says: ``<workdir>/delta/<name>``
+(path tables, registered locally as ``refinex.<name>``) or ``catalog.schema.name``. Writers MERGE on the key:
 new keys are inserted, existing keys are updated only when a *content* column changed
 (timestamps and run ids are bookkeeping, not content), so rerunning a stage on the same
 input leaves the table exactly as it was. The source is deduplicated on the key first.
@@ -30,6 +31,7 @@ from pyspark.sql.types import (
 )
 
 from refinex.experts.cache import CACHE_ROW_SCHEMA
+from refinex.locations import join, spark_location
 
 DOCUMENTS = "documents"
 QUARANTINE = "quarantine"
@@ -90,6 +92,22 @@ class TableSpec:
     @property
     def columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
+
+    def project(
+        self, include: Optional[Sequence[str]] = None, exclude: Sequence[str] = (), nullable: Optional[bool] = None
+    ) -> StructType:
+        """A schema derived from this table's (worker-side schemas are never restated):
+        the ``include`` columns in that order (default: all), less ``exclude``; with
+        ``nullable`` set, every field takes it."""
+        by_name = {f.name: f for f in self.schema.fields}
+        names = list(include) if include is not None else self.columns
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise KeyError(f"{self.name} has no column(s) {missing}")
+        chosen = [by_name[n] for n in names if n not in exclude]
+        if nullable is not None:
+            chosen = [StructField(f.name, f.dataType, nullable) for f in chosen]
+        return StructType(chosen)
 
     @property
     def content_columns(self) -> list[str]:
@@ -213,11 +231,80 @@ def utf8_encodable(value: str) -> bool:
     return True
 
 
-def table_path(workdir: str, table: str) -> str:
-    """``<workdir>/delta/<table>``."""
+@dataclass(frozen=True)
+class TableResolver:
+    """Where each table lives: one resolver serves every stage.
+
+    - **Path tables** (``catalog`` unset): ``<workdir>/delta/<name>`` for local, ``gs://``,
+      ``s3a://``, ``abfss://`` and ``dbfs:/Volumes/…`` workdirs. With ``register`` each one
+      is also registered in the session catalog as ``<schema>.<name>`` (an external table
+      over that path), so ``SELECT … FROM refinex.edit_stats`` works after any run.
+    - **Catalog tables** (``catalog`` set): ``<catalog>.<schema>.<name>`` on Unity Catalog
+      (or any catalog Spark can create Delta tables in), managed by the metastore.
+    """
+
+    workdir: Optional[str] = None
+    catalog: Optional[str] = None
+    schema: str = "refinex"
+    register: bool = True
+
+    def __post_init__(self) -> None:
+        if self.catalog is None and not self.workdir:
+            raise ValueError("path tables need a workdir")
+
+    @property
+    def kind(self) -> str:
+        """``catalog`` or ``path``."""
+        return "catalog" if self.catalog else "path"
+
+    def location(self, table: str) -> Optional[str]:
+        """The Delta folder of a path table (None for catalog tables)."""
+        _known(table)
+        if self.catalog:
+            return None
+        assert self.workdir is not None
+        return join(spark_location(self.workdir), "delta", table)
+
+    def name(self, table: str) -> str:
+        """The SQL name: ``catalog.schema.table``, or ``schema.table`` as registered locally."""
+        _known(table)
+        parts = [self.catalog, self.schema, table] if self.catalog else [self.schema, table]
+        return ".".join(f"`{part}`" for part in parts)
+
+    def display_name(self, table: str) -> str:
+        """The SQL name without quotes, for messages and docs."""
+        return self.name(table).replace("`", "")
+
+    def describe(self) -> str:
+        """One line saying where the tables are."""
+        if self.catalog:
+            return f"catalog tables {self.catalog}.{self.schema}.<table>"
+        root = join(spark_location(self.workdir or ""), "delta")
+        registered = f" (SQL: {self.schema}.<table>)" if self.register else ""
+        return f"path tables {root}/<table>{registered}"
+
+
+def resolver_for(config: Any, workdir: Optional[str]) -> TableResolver:
+    """The resolver a configuration asks for (``tables`` section) over ``workdir``."""
+    tables = config.tables
+    return TableResolver(workdir=workdir, catalog=tables.catalog, schema=tables.schema, register=tables.register)
+
+
+def as_resolver(tables: "TableResolver | str") -> TableResolver:
+    """A resolver as it is; a workdir string names its path tables."""
+    return tables if isinstance(tables, TableResolver) else TableResolver(workdir=tables)
+
+
+def _known(table: str) -> None:
     if table not in TABLES:
         raise KeyError(f"unknown table {table!r}")
-    return f"{workdir.rstrip('/')}/delta/{table}"
+
+
+def table_path(workdir: str, table: str) -> str:
+    """``<workdir>/delta/<table>`` (path tables)."""
+    location = TableResolver(workdir=workdir).location(table)
+    assert location is not None
+    return location
 
 
 def new_run_id() -> str:
@@ -225,42 +312,130 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def table_exists(spark: SparkSession, workdir: str, table: str) -> bool:
+_EXISTING: set[tuple[str, str]] = set()
+"""(Spark application id, table name or location) of tables known to exist in this process:
+existence is checked once per session instead of replaying the Delta log on every access."""
+
+
+def _session_key(spark: SparkSession, where: str) -> tuple[str, str]:
+    return (spark.sparkContext.applicationId, where)
+
+
+def _delta_table(spark: SparkSession, resolver: TableResolver, table: str) -> Any:
+    from delta.tables import DeltaTable
+
+    location = resolver.location(table)
+    if location is None:
+        return DeltaTable.forName(spark, resolver.name(table))
+    return DeltaTable.forPath(spark, location)
+
+
+def table_exists(spark: SparkSession, tables: "TableResolver | str", table: str) -> bool:
     """Whether the Delta table has been created."""
     from delta.tables import DeltaTable
 
-    return bool(DeltaTable.isDeltaTable(spark, table_path(workdir, table)))
+    resolver = as_resolver(tables)
+    location = resolver.location(table)
+    key = _session_key(spark, location or resolver.name(table))
+    if key in _EXISTING:
+        _register(spark, resolver, table)
+        return True
+    if location is None:
+        exists = bool(spark.catalog.tableExists(resolver.display_name(table)))
+    else:
+        exists = bool(DeltaTable.isDeltaTable(spark, location))
+    if exists:
+        _EXISTING.add(key)
+        _register(spark, resolver, table)
+    return exists
 
 
-def ensure_table(spark: SparkSession, workdir: str, table: str) -> None:
+_REGISTERED: dict[tuple[str, str], str] = {}
+"""(Spark application id, registered name) -> the location it points at in this session."""
+
+
+def _register(spark: SparkSession, resolver: TableResolver, table: str) -> None:
+    """Path tables: make ``<schema>.<table>`` an external table over the path.
+
+    Once per session and location; a name that points at another workdir (an earlier run in
+    the same session) is re-pointed, so the names always follow the session's latest workdir.
+    A *managed* table of that name is never dropped: that is an error.
+    """
+    location = resolver.location(table)
+    if location is None or not resolver.register:
+        return
+    name = resolver.name(table)
+    key = _session_key(spark, name)
+    if _REGISTERED.get(key) == location:
+        return
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS `{resolver.schema}`")
+    display = resolver.display_name(table)
+    if spark.catalog.tableExists(display):
+        kind = spark.catalog.getTable(display).tableType
+        if str(kind).upper() == "MANAGED":
+            raise ValueError(
+                f"{display} is a managed table in this session's catalog; refinex registers its path tables "
+                f"under that name: set tables.schema to another database"
+            )
+        spark.sql(f"DROP TABLE {name}")
+    escaped = location.replace("'", "\\'")
+    spark.sql(f"CREATE TABLE {name} USING DELTA LOCATION '{escaped}'")
+    _REGISTERED[key] = location
+
+
+def ensure_table(spark: SparkSession, tables: "TableResolver | str", table: str) -> None:
     """Create the table (explicit schema, partitioning) unless it exists."""
     from delta.tables import DeltaTable
 
-    spec = TABLES[table]
-    path = table_path(workdir, table)
-    if DeltaTable.isDeltaTable(spark, path):
+    resolver = as_resolver(tables)
+    if table_exists(spark, resolver, table):
         return
-    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(spec.schema)
-    if spec.partition_by:
-        builder = builder.partitionedBy(*spec.partition_by)
-    builder.execute()
+    spec = TABLES[table]
+    location = resolver.location(table)
+    if location is None:
+        # SQL, not DeltaTable's builder: it takes catalog.schema.table names everywhere.
+        spark.sql(f"CREATE SCHEMA IF NOT EXISTS `{resolver.catalog}`.`{resolver.schema}`")
+        columns = ", ".join(
+            f"`{f.name}` {f.dataType.simpleString()}{'' if f.nullable else ' NOT NULL'}" for f in spec.schema.fields
+        )
+        partitioned = f" PARTITIONED BY ({', '.join(spec.partition_by)})" if spec.partition_by else ""
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {resolver.name(table)} ({columns}) USING DELTA{partitioned}")
+    else:
+        builder = DeltaTable.createIfNotExists(spark).location(location).addColumns(spec.schema)
+        if spec.partition_by:
+            builder = builder.partitionedBy(*spec.partition_by)
+        builder.execute()
+    _EXISTING.add(_session_key(spark, location or resolver.name(table)))
+    _register(spark, resolver, table)
 
 
-def read_table(spark: SparkSession, workdir: str, table: str, version: Optional[int] = None) -> DataFrame:
+def register_tables(spark: SparkSession, tables: "TableResolver | str") -> list[str]:
+    """Register every existing path table in the session catalog; returns their SQL names.
+
+    For notebooks and SQL users on a fresh session over a finished workdir.
+    """
+    resolver = as_resolver(tables)
+    return [resolver.display_name(name) for name in TABLES if table_exists(spark, resolver, name)]
+
+
+def read_table(
+    spark: SparkSession, tables: "TableResolver | str", table: str, version: Optional[int] = None
+) -> DataFrame:
     """The table (at ``version`` if given) as a DataFrame; created empty if never written."""
-    ensure_table(spark, workdir, table)
+    resolver = as_resolver(tables)
+    ensure_table(spark, resolver, table)
     reader = spark.read.format("delta")
     if version is not None:
         reader = reader.option("versionAsOf", version)
-    return reader.load(table_path(workdir, table))
+    location = resolver.location(table)
+    return reader.table(resolver.display_name(table)) if location is None else reader.load(location)
 
 
-def table_version(spark: SparkSession, workdir: str, table: str) -> int:
+def table_version(spark: SparkSession, tables: "TableResolver | str", table: str) -> int:
     """The table's current Delta version (created empty if never written)."""
-    from delta.tables import DeltaTable
-
-    ensure_table(spark, workdir, table)
-    row = DeltaTable.forPath(spark, table_path(workdir, table)).history(1).select("version").first()
+    resolver = as_resolver(tables)
+    ensure_table(spark, resolver, table)
+    row = _delta_table(spark, resolver, table).history(1).select("version").first()
     return int(row[0]) if row is not None else 0
 
 
@@ -293,7 +468,7 @@ def _same(column: str, dtype: DataType) -> str:
 
 def merge_into(
     spark: SparkSession,
-    workdir: str,
+    tables: "TableResolver | str",
     table: str,
     df: DataFrame,
     order_by: Optional[Sequence[Column]] = None,
@@ -306,16 +481,15 @@ def merge_into(
     With ``delete_missing`` the table becomes exactly the source: rows whose key is not in
     it are deleted (tables rebuilt as a whole, such as ``sft_pairs``).
     """
-    from delta.tables import DeltaTable
-
     spec = TABLES[table]
-    ensure_table(spark, workdir, table)
+    resolver = as_resolver(tables)
+    ensure_table(spark, resolver, table)
     source = dedupe_on_key(df, spec.keys, order_by) if order_by else df.dropDuplicates(list(spec.keys))
     source = conform(source, table)
     on = " AND ".join(f"t.`{c}` = s.`{c}`" for c in spec.keys)
     types = {f.name: f.dataType for f in spec.schema.fields}
     unchanged = " AND ".join(_same(c, types[c]) for c in spec.content_columns)
-    target = DeltaTable.forPath(spark, table_path(workdir, table)).alias("t")
+    target = _delta_table(spark, resolver, table).alias("t")
     merge = target.merge(source.alias("s"), on)
     merge = merge.whenMatchedUpdateAll(condition=f"NOT ({unchanged})") if unchanged else merge
     merge = merge.whenNotMatchedInsertAll()
@@ -339,7 +513,7 @@ def _json(value: Mapping[str, Any]) -> str:
 
 def record_stage_run(
     spark: SparkSession,
-    workdir: str,
+    tables: "TableResolver | str",
     run_id: str,
     stage: str,
     started_at: datetime,
@@ -350,4 +524,4 @@ def record_stage_run(
     """Write the ``stage_runs`` row of one stage execution."""
     row = (run_id, stage, started_at, ended_at, _json(params), _json(stats))
     df = spark.createDataFrame([row], TABLES[STAGE_RUNS].schema)
-    merge_into(spark, workdir, STAGE_RUNS, df)
+    merge_into(spark, tables, STAGE_RUNS, df)

@@ -32,7 +32,10 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from refinex.config import Config
-from refinex.spark.tables import DOCUMENTS, SFT_PAIRS, new_run_id, read_table, record_stage_run, table_version
+from refinex.locations import driver_path, is_local, local_path
+from refinex.spark.sft import BASE_PARAM
+from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.tables import DOCUMENTS, PROGRAMS, SFT_PAIRS, TableResolver, read_table
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +69,23 @@ def tracking_uri_for(config: Config, workdir: str) -> str:
 
 
 def _local_workdir(workdir: str) -> Optional[str]:
-    from refinex.spark.session import is_local_path, local_path
-
-    return str(local_path(workdir)) if is_local_path(workdir) else None
+    """The workdir on this machine's file system (``refinex.locations.is_local``), else None."""
+    return str(local_path(workdir)) if is_local(workdir) else None
 
 
 def models_dir(workdir: str) -> Path:
-    """Where checkpoints are trained and downloaded: ``<workdir>/models`` (a temp folder
-    for remote workdirs)."""
-    local = _local_workdir(workdir)
-    return Path(local) / "models" if local is not None else Path(tempfile.gettempdir()) / "refinex-models"
+    """Where checkpoints are trained and downloaded: ``<workdir>/models`` on the driver
+    (``dbfs:/Volumes/…`` through its FUSE path), a temp folder for object-store workdirs."""
+    local = driver_path(workdir)
+    return local / "models" if local is not None else Path(tempfile.gettempdir()) / "refinex-models"
 
 
-def _client(uri: str) -> Any:
+def _client(uri: str, registry_uri: Optional[str] = None) -> Any:
+    """An MLflow client of the tracking ``uri`` and ``registry_uri`` (``model.registry_uri``;
+    None: the tracking URI)."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=registry_uri or uri)
 
 
 def fingerprint(rows: Sequence[Any], base_identity: str, settings: dict[str, Any]) -> str:
@@ -95,12 +99,12 @@ def fingerprint(rows: Sequence[Any], base_identity: str, settings: dict[str, Any
     return digest.hexdigest()
 
 
-def find_version(uri: str, name: str, fingerprint_value: str) -> Optional[str]:
+def find_version(uri: str, name: str, fingerprint_value: str, registry_uri: Optional[str] = None) -> Optional[str]:
     """The newest registered version of ``name`` tagged with ``fingerprint_value``."""
     import mlflow
 
     try:
-        versions = _client(uri).search_model_versions(f"name='{name}'")
+        versions = _client(uri, registry_uri).search_model_versions(f"name='{name}'")
     except mlflow.exceptions.MlflowException:
         return None
     matching = [int(v.version) for v in versions if v.tags.get(FINGERPRINT_TAG) == fingerprint_value]
@@ -113,7 +117,7 @@ def promote(config: Config, workdir: str, version: str | int, alias: Optional[st
 
     uri = tracking_uri_for(config, workdir)
     name, chosen = config.model.registered_name, alias or config.model.champion_alias
-    client = _client(uri)
+    client = _client(uri, config.model.registry_uri)
     try:
         client.get_model_version(name, str(version))
     except mlflow.exceptions.MlflowException as exc:
@@ -128,7 +132,7 @@ def promote(config: Config, workdir: str, version: str | int, alias: Optional[st
             "model_uri": f"models:/{name}@{chosen}", "tracking_uri": uri}
 
 
-def _eval_examples(spark: SparkSession, workdir: str, rows: Sequence[Any], limit: int) -> list[Any]:
+def _eval_examples(spark: SparkSession, tables: "TableResolver | str", rows: Sequence[Any], limit: int) -> list[Any]:
     """Generation examples of the first ``limit`` validation pairs (by doc id, chunk)."""
     from refinex.model.backends import GenerationRequest
     from refinex.model.evaluate import ChunkExample
@@ -139,7 +143,7 @@ def _eval_examples(spark: SparkSession, workdir: str, rows: Sequence[Any], limit
     ids = sorted({r["doc_id"] for r in chosen})
     wanted = spark.createDataFrame([(i,) for i in ids], "doc_id string")
     texts = dict(
-        read_table(spark, workdir, DOCUMENTS).join(F.broadcast(wanted), "doc_id").select("doc_id", "text").collect()
+        read_table(spark, tables, DOCUMENTS).join(F.broadcast(wanted), "doc_id").select("doc_id", "text").collect()
     )
     examples = []
     for row in chosen:
@@ -169,22 +173,15 @@ def _validation_metrics(config: Config, checkpoint: Path, examples: Sequence[Any
         backend.close()
 
 
-def evaluate_checkpoint(spark: SparkSession, config: Config, workdir: str, checkpoint: Path) -> dict[str, float]:
+def evaluate_checkpoint(spark: SparkSession, config: Config, tables: "TableResolver | str", checkpoint: Path) -> dict[str, float]:
     """The ``val_*`` program metrics of a checkpoint on the first ``model.eval_chunks``
     validation pairs of ``sft_pairs`` (as logged by :func:`run_train`)."""
-    rows = read_table(spark, workdir, SFT_PAIRS).where(F.col("split") == "validation").select(*_PAIR_COLUMNS)
+    rows = read_table(spark, tables, SFT_PAIRS).where(F.col("split") == "validation").select(*_PAIR_COLUMNS)
     ordered = rows.orderBy("doc_id", "chunk_idx").limit(config.model.eval_chunks).collect()
-    return _validation_metrics(config, checkpoint, _eval_examples(spark, workdir, ordered, config.model.eval_chunks))
+    return _validation_metrics(config, checkpoint, _eval_examples(spark, tables, ordered, config.model.eval_chunks))
 
 
-def run_train(
-    spark: SparkSession,
-    config: Config,
-    workdir: str,
-    base: Optional[str] = None,
-    force: bool = False,
-    run_id: Optional[str] = None,
-) -> dict[str, Any]:
+def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = False) -> dict[str, Any]:
     """Train, log and register a refine model from ``sft_pairs``; returns statistics with
     ``model_uri`` = ``models:/<name>/<version>``."""
     from refinex.model.bases import read_base_info
@@ -192,16 +189,16 @@ def run_train(
     from refinex.spark.sft import prepare_sft_base, tokenizer_id
     from refinex.tracking import get_alias_version, log_training_run, set_alias
 
-    started = datetime.now(timezone.utc)
-    run_id = run_id or new_run_id()
-    data_version = table_version(spark, workdir, SFT_PAIRS)
-    rows = read_table(spark, workdir, SFT_PAIRS).select(*_PAIR_COLUMNS).orderBy("doc_id", "chunk_idx").collect()
+    spark, config, workdir, run_id = ctx.spark, ctx.config, ctx.workdir, ctx.run_id
+    data_version = ctx.version(SFT_PAIRS)
+    rows = ctx.read(SFT_PAIRS).select(*_PAIR_COLUMNS).orderBy("doc_id", "chunk_idx").collect()
     if not any(r["split"] == "train" for r in rows):
-        raise NoTrainingDataError(f"no training pairs in {workdir}: run the sft_pairs stage first")
+        raise NoTrainingDataError(
+            f"no training pairs in {ctx.tables.display_name(SFT_PAIRS)}: run the sft_pairs stage first")
     sft_version = rows[0]["origin_version"]
     pairs_tokenizer = rows[0]["base_tokenizer"]
     base_name = base or config.model.base
-    checkpoint = prepare_sft_base(spark, config, workdir, base_name, sft_version)
+    checkpoint = prepare_sft_base(spark, config, ctx.tables, base_name, sft_version)
     base_tokenizer = tokenizer_id(checkpoint)
     if base_tokenizer != pairs_tokenizer:
         log.warning(
@@ -216,9 +213,10 @@ def run_train(
                                sort_keys=True)
     fp = fingerprint(rows, base_identity, settings)
     uri = tracking_uri_for(config, workdir)
-    reused = None if force else find_version(uri, name, fp)
+    registry_uri = config.model.registry_uri
+    reused = None if force else find_version(uri, name, fp, registry_uri)
     stats: dict[str, Any] = {
-        "run_id": run_id, "base": base_name, "base_tokenizer": base_tokenizer, "sft_origin_version": sft_version,
+        "base": base_name, "base_tokenizer": base_tokenizer, "sft_origin_version": sft_version,
         "train_data_version": data_version_text, "tracking_uri": uri, "registered_name": name,
         "train_fingerprint": fp, "reused": reused is not None,
     }
@@ -231,7 +229,7 @@ def run_train(
         train_config = TrainConfig.from_dict({**settings, "train_data_version": data_version_text})
         try:
             result = train([r.asDict() for r in rows], str(checkpoint), out_dir, train_config)
-            examples = _eval_examples(spark, workdir, rows, config.model.eval_chunks)
+            examples = _eval_examples(spark, ctx.tables, rows, config.model.eval_chunks)
             val_metrics = _validation_metrics(config, out_dir, examples)
             logged = log_training_run(
                 result,
@@ -243,10 +241,11 @@ def run_train(
                 experiment=config.model.experiment,
                 model_name=name,
                 tags={"refinex.train_fingerprint": fp, "refinex.base_name": base_name},
+                registry_uri=registry_uri,
             )
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
-        client = _client(uri)
+        client = _client(uri, registry_uri)
         for key, value in val_metrics.items():
             client.log_metric(logged.run_id, key, value, step=result.steps)
         assert logged.version is not None
@@ -263,12 +262,24 @@ def run_train(
             device=result.device, **val_metrics,
         )
     alias = config.model.champion_alias
-    champion = get_alias_version(name, alias, tracking_uri=uri)
+    champion = get_alias_version(name, alias, tracking_uri=uri, registry_uri=registry_uri)
     if champion is None:
-        set_alias(name, alias, stats["version"], tracking_uri=uri)
+        set_alias(name, alias, stats["version"], tracking_uri=uri, registry_uri=registry_uri)
         champion = stats["version"]
     stats["champion_version"] = champion
-    log.info("train: %s (champion: version %s)", stats["model_uri"], champion)
-    params = {"base": base_name, "force": force, "train": settings, "tracking_uri": uri}
-    record_stage_run(spark, workdir, run_id, STAGE, started, datetime.now(timezone.utc), params, stats)
+    ctx.record(base=base_name, force=force, train=settings, tracking_uri=uri)
     return stats
+
+
+TRAIN = Stage(
+    name=STAGE,
+    help="Fine-tune the refine model on sft_pairs, log it to MLflow and register it (the first version "
+    "becomes @champion).",
+    reads=(SFT_PAIRS, DOCUMENTS, PROGRAMS),
+    writes=(),
+    transform=train_model,
+    params=(BASE_PARAM, Param("force", "Train even if a registered version has the same pairs and settings.",
+                              kind="bool", default=False)),
+    resources="gpu",
+    describe=lambda s: f"{s['model_uri']} (champion: version {s['champion_version']})",
+)

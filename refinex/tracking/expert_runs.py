@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from refinex.locations import is_local, local_path
 from refinex.tracking.mlflow_utils import _artifact_root, _experiment_id, resolve_tracking_uri, safe_params
 
 __all__ = ["DEFAULT_EXPERT_EXPERIMENT", "expert_tracking_uri", "log_expert_run"]
@@ -21,15 +22,12 @@ __all__ = ["DEFAULT_EXPERT_EXPERIMENT", "expert_tracking_uri", "log_expert_run"]
 DEFAULT_EXPERT_EXPERIMENT = "refinex-expert"
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 _METRIC_BATCH = 1000
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:")  # dbfs:/, gs://, s3a://, abfss://
 
 
 def _local_dir(workdir: str) -> Optional[Path]:
-    """The workdir as a local folder, or ``None`` for remote storage (dbfs:, gs:, s3a:, ...)."""
-    if _SCHEME.match(workdir) and not workdir.startswith("file:"):
-        return None
-    path = workdir.removeprefix("file://") if workdir.startswith("file://") else workdir.removeprefix("file:")
-    return Path(path).expanduser().resolve()
+    """The workdir as a local folder (``refinex.locations.is_local``), else None: remote
+    workdirs, FUSE-mounted ones included, use MLflow's default (the workspace's) tracking."""
+    return local_path(workdir) if is_local(workdir) else None
 
 
 def expert_tracking_uri(tracking_uri: Optional[str], workdir: str) -> str:

@@ -1,7 +1,9 @@
 """MLflow tracking of refine-model training runs and the ``refinex-refiner`` registry.
 
 Tracking URI: an explicit argument, else ``$MLFLOW_TRACKING_URI``, else a local SQLite
-store ``sqlite:///<workdir>/mlflow.db`` with artifacts under ``<workdir>/mlruns``.
+store ``sqlite:///<workdir>/mlflow.db`` with artifacts under ``<workdir>/mlruns``. Registry
+URI (``model.registry_uri``, e.g. ``databricks-uc`` for Unity Catalog): an explicit
+argument, else the tracking URI; every client and registry call of this module uses it.
 
 A trained checkpoint is logged as an MLflow pyfunc model whose artifact ``checkpoint`` is
 the Hugging Face checkpoint directory itself (safetensors + tokenizer +
@@ -44,6 +46,7 @@ __all__ = [
     "get_alias_version",
     "log_training_run",
     "resolve_model_uri",
+    "resolve_registry_uri",
     "resolve_tracking_uri",
     "safe_params",
     "set_alias",
@@ -73,6 +76,7 @@ class LoggedRun:
     model_uri: str  # the logged model (``models:/m-...``) or ``runs:/<run>/model``
     registered_name: Optional[str]
     version: Optional[str]
+    registry_uri: Optional[str] = None  # where ``registered_name`` lives (None: tracking_uri)
 
     @property
     def registered_model_uri(self) -> Optional[str]:
@@ -98,14 +102,24 @@ def resolve_tracking_uri(
     return f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
+def resolve_registry_uri(registry_uri: Optional[str], tracking_uri: str) -> str:
+    """``registry_uri`` (e.g. ``databricks-uc``), else the tracking URI."""
+    return registry_uri or tracking_uri
+
+
 def configure_tracking(
-    tracking_uri: Optional[str] = None, workdir: Optional[Union[str, os.PathLike[str]]] = None
+    tracking_uri: Optional[str] = None,
+    workdir: Optional[Union[str, os.PathLike[str]]] = None,
+    registry_uri: Optional[str] = None,
 ) -> str:
-    """Point MLflow (process-wide, registry included) at the resolved URI and return it."""
+    """Point MLflow (process-wide) at the resolved tracking URI and the registry at
+    ``registry_uri`` (default: the same URI); returns the tracking URI."""
     uri = resolve_tracking_uri(tracking_uri, workdir)
+    registry = resolve_registry_uri(registry_uri, uri)
     _ensure_sqlite_dir(uri)
+    _ensure_sqlite_dir(registry)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_registry_uri(registry)
     return uri
 
 
@@ -115,17 +129,20 @@ def _ensure_sqlite_dir(uri: str) -> None:
 
 
 @contextlib.contextmanager
-def _tracking_at(uri: str) -> Iterator[None]:
-    """Use ``uri`` for MLflow's fluent API (tracking and registry) inside the block.
+def _tracking_at(uri: str, registry_uri: Optional[str] = None) -> Iterator[None]:
+    """Use ``uri`` for MLflow's fluent API inside the block, and ``registry_uri`` (default:
+    ``uri``) for its registry.
 
     ``mlflow.set_tracking_uri``/``set_registry_uri`` mirror themselves into
     ``$MLFLOW_TRACKING_URI``/``$MLFLOW_REGISTRY_URI``, which are therefore what is restored.
     """
     previous_tracking = os.environ.get("MLFLOW_TRACKING_URI")
     previous_registry = os.environ.get("MLFLOW_REGISTRY_URI")
+    registry = resolve_registry_uri(registry_uri, uri)
     _ensure_sqlite_dir(uri)
+    _ensure_sqlite_dir(registry)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_registry_uri(registry)
     try:
         yield
     finally:
@@ -289,8 +306,11 @@ def log_training_run(
     register: bool = True,
     model_name: str = REGISTERED_MODEL_NAME,
     tags: Optional[Mapping[str, Any]] = None,
+    registry_uri: Optional[str] = None,
 ) -> LoggedRun:
-    """Log a :class:`~refinex.model.train.TrainResult` and (by default) register its model.
+    """Log a :class:`~refinex.model.train.TrainResult` and (by default) register its model
+    (in ``registry_uri``, default: the tracking URI; Unity Catalog: ``databricks-uc`` with a
+    ``catalog.schema.model`` name).
 
     Logs the training config and ``params`` (secret-filtered), the loss and learning-rate
     curves as step metrics, the validation losses, the final metrics, the loss-curve PNG
@@ -298,9 +318,10 @@ def log_training_run(
     training data version, prompt version, base and metrics.
     """
     uri = resolve_tracking_uri(tracking_uri, workdir)
-    with _tracking_at(uri):
+    registry = resolve_registry_uri(registry_uri, uri)
+    with _tracking_at(uri, registry):
         return _log_training_run(
-            result, params, data_version, uri, workdir, experiment, run_name, register, model_name, tags
+            result, params, data_version, uri, workdir, experiment, run_name, register, model_name, tags, registry
         )
 
 
@@ -315,8 +336,9 @@ def _log_training_run(
     register: bool,
     model_name: str,
     tags: Optional[Mapping[str, Any]],
+    registry_uri: str,
 ) -> LoggedRun:
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
     experiment_id = _experiment_id(client, experiment, _artifact_root(uri, workdir))
     data_version_text = None if data_version is None else str(data_version)
     if data_version_text is None and result.train_data_version is not None:
@@ -385,6 +407,7 @@ def _log_training_run(
         model_uri=model_info.model_uri,
         registered_name=registered,
         version=version,
+        registry_uri=registry_uri if registered is not None else None,
     )
 
 
@@ -398,10 +421,12 @@ def set_alias(
     *,
     tracking_uri: Optional[str] = None,
     workdir: Optional[Union[str, os.PathLike[str]]] = None,
+    registry_uri: Optional[str] = None,
 ) -> None:
     """Point ``models:/<name>@<alias>`` (e.g. ``@champion``) at ``version``."""
     uri = resolve_tracking_uri(tracking_uri, workdir)
-    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(name, alias, str(version))
+    client = MlflowClient(tracking_uri=uri, registry_uri=resolve_registry_uri(registry_uri, uri))
+    client.set_registered_model_alias(name, alias, str(version))
 
 
 def get_alias_version(
@@ -410,10 +435,11 @@ def get_alias_version(
     *,
     tracking_uri: Optional[str] = None,
     workdir: Optional[Union[str, os.PathLike[str]]] = None,
+    registry_uri: Optional[str] = None,
 ) -> Optional[str]:
     """The version ``alias`` points at, or ``None`` when the alias is not set."""
     uri = resolve_tracking_uri(tracking_uri, workdir)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=resolve_registry_uri(registry_uri, uri))
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
@@ -443,12 +469,14 @@ def resolve_model_uri(
     *,
     tracking_uri: Optional[str] = None,
     workdir: Optional[Union[str, os.PathLike[str]]] = None,
+    registry_uri: Optional[str] = None,
 ) -> Path:
     """A local checkpoint directory for ``models:/name@alias``, ``models:/name/N``,
     ``runs:/<run>/model``, ``models:/m-...``, any artifact URI or a local path.
 
     Remote models are downloaded under ``dst``; local checkpoints (or local MLflow model
-    directories) are used where they are.
+    directories) are used where they are. ``models:/<name>...`` is looked up in
+    ``registry_uri`` (default: the tracking URI).
     """
     text = str(uri)
     scheme = urlsplit(text).scheme if "://" in text or text.startswith(("models:", "runs:")) else ""
@@ -459,11 +487,12 @@ def resolve_model_uri(
         if scheme == "":
             raise FileNotFoundError(f"{text} is not a directory")
     resolved = resolve_tracking_uri(tracking_uri, workdir)
+    registry = resolve_registry_uri(registry_uri, resolved)
     target = Path(dst)
     target.mkdir(parents=True, exist_ok=True)
     # The models:/ artifact repository reads the process-wide registry URI: set it too.
-    with _tracking_at(resolved):
+    with _tracking_at(resolved, registry):
         downloaded = mlflow.artifacts.download_artifacts(
-            artifact_uri=text, dst_path=str(target), tracking_uri=resolved, registry_uri=resolved
+            artifact_uri=text, dst_path=str(target), tracking_uri=resolved, registry_uri=registry
         )
     return _checkpoint_in(Path(downloaded))

@@ -24,10 +24,8 @@ from refinex.config import Config
 from refinex.distill import distill_report
 from refinex.experts.cache import cache_key, doc_hash
 from refinex.experts.llm import load_prompt
-from refinex.spark.apply import run_apply
-from refinex.spark.distill import run_distill
-from refinex.spark.expert import configure_expert, run_expert
-from refinex.spark.ingest import run_ingest
+from refinex.spark.registry import run_stage
+from refinex.spark.expert import configure_expert
 from refinex.spark.tables import TABLES, merge_into, read_table
 
 
@@ -102,7 +100,7 @@ def test_llm_stage_requests_cache_failures_and_distill(
     merge_into(spark, workdir, "documents", documents(spark, list(texts.items())))
     config = llm_config(spark_config, stub, price_input_per_1m=2.0, price_output_per_1m=10.0)
 
-    stats = run_expert(spark, config, workdir)
+    stats = run_stage("expert", spark, config, workdir)
 
     prompt = load_prompt()
     assert (stats["processed"], stats["ok"], stats["failed"]) == (4, 3, 1)
@@ -145,8 +143,8 @@ def test_llm_stage_requests_cache_failures_and_distill(
     assert all(r["model"] == "stub-model" and r["prompt_version"] == prompt.version for r in cache.values())
 
     # distill + apply: the expert's rewrites and inventions are discarded, failures kept
-    run_distill(spark, config, workdir, expert="llm")
-    applied = run_apply(spark, config, workdir)
+    run_stage("distill", spark, config, workdir, expert="llm")
+    applied = run_stage("apply", spark, config, workdir)
     assert applied["origin_version"] == f"llm:{stats['expert_version']}"
     refined = by_id(read_table(spark, workdir, "refined_documents"))
     assert refined["bad"]["status"] == "expert_failed" and refined["bad"]["refined_text"] is None
@@ -163,13 +161,13 @@ def test_rerun_is_served_by_the_delta_cache(
     texts = {f"d{i}": page(f"Doc {i}") for i in range(3)}
     merge_into(spark, workdir, "documents", documents(spark, list(texts.items())))
     config = llm_config(spark_config, stub).with_overrides({"expert.mlflow": False})
-    first = run_expert(spark, config, workdir)
+    first = run_stage("expert", spark, config, workdir)
     assert (first["requests"], first["cache_rows_inserted"]) == (3, 3)
     tokens = {d: (r["tokens_in"], r["tokens_out"]) for d, r in by_id(read_table(spark, workdir, "expert_refinements")).items()}
 
-    skipped = run_expert(spark, config, workdir)  # ok refinements are not redone
+    skipped = run_stage("expert", spark, config, workdir)  # ok refinements are not redone
     assert (skipped["processed"], skipped["requests"]) == (0, 0)
-    forced = run_expert(spark, config, workdir, force=True)  # redone from expert_cache
+    forced = run_stage("expert", spark, config, workdir, force=True)  # redone from expert_cache
     assert len(stub.requests) == 3
     assert (forced["processed"], forced["ok"], forced["requests"], forced["cache_hits"]) == (3, 3, 0, 3)
     assert forced["cache_rows_inserted"] == 0 and read_table(spark, workdir, "expert_cache").count() == 3
@@ -190,7 +188,7 @@ def test_concurrency_is_bounded_per_partition(
         "expert.mlflow": False,
     })
     assert config.expert.options["max_concurrency"] == 2
-    stats = run_expert(spark, config, workdir)
+    stats = run_stage("expert", spark, config, workdir)
     assert (stats["ok"], stats["requests"]) == (6, 6)
     assert stub.max_in_flight == 2
 
@@ -198,7 +196,7 @@ def test_concurrency_is_bounded_per_partition(
 def test_consensus_stage_keeps_every_member(
     spark: SparkSession, spark_config: Config, workdir: str, stub: Any, sample_pages: Path
 ) -> None:
-    run_ingest(spark, spark_config, workdir, str(sample_pages), limit=3)
+    run_stage("ingest", spark, spark_config, workdir, input=str(sample_pages), limit=3)
     config = configure_expert(spark_config, "consensus", base_url=stub.base_url, model="stub-model")
     members = [
         {**m, "options": {**m["options"], **LLM_OPTIONS}} if m["name"] == "llm" else m
@@ -206,7 +204,7 @@ def test_consensus_stage_keeps_every_member(
     ]
     config = config.with_overrides({"expert.options": {"members": members}, "expert.mlflow": False})
 
-    stats = run_expert(spark, config, workdir)
+    stats = run_stage("expert", spark, config, workdir)
 
     assert (stats["processed"], stats["ok"], stats["member_rows_inserted"]) == (3, 3, 21)
     assert stats["requests"] >= 3 and stats["cache_rows_inserted"] == 3
@@ -231,7 +229,7 @@ def test_consensus_stage_keeps_every_member(
     }
 
     n_requests = len(stub.requests)
-    again = run_expert(spark, config, workdir, force=True)
+    again = run_stage("expert", spark, config, workdir, force=True)
     assert len(stub.requests) == n_requests and again["cache_hits"] == 3
     assert (again["member_rows_inserted"], again["member_rows_updated"]) == (0, 0)  # same content, from the cache
     refined_again = by_id(read_table(spark, workdir, "expert_refinements").where(F.col("expert") == "consensus"))
@@ -294,7 +292,7 @@ def test_the_key_never_leaks(
     texts = {"ok": page("Fine"), "echo": page("Echo", "[[echo-key]]"), "down": page("Down", "[[fail500:99]]")}
     merge_into(spark, workdir, "documents", documents(spark, list(texts.items())))
     config = llm_config(spark_config, stub)
-    stats = run_expert(spark, config, workdir)
+    stats = run_stage("expert", spark, config, workdir)
     assert (stats["ok"], stats["failed"]) == (1, 2) and stats["mlflow_run_id"]
     errors = by_id(read_table(spark, workdir, "expert_refinements"))
     assert "Bearer ***" in errors["echo"]["error"]  # redacted by the client

@@ -12,7 +12,8 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from refinex.config import Config
-from refinex.spark.ingest import run_ingest, shard_of
+from refinex.spark.registry import run_stage
+from refinex.spark.ingest import shard_of
 from refinex.spark.tables import read_table
 from refinex.text import html_to_text
 
@@ -50,7 +51,7 @@ def test_ingest_documents(spark: SparkSession, spark_config: Config, workdir: st
         {"html": HTML, "source": "s2"},
         {"id": "a4", "text": "given text wins", "html": "<p>ignored</p>"},
     ])
-    stats = run_ingest(spark, spark_config, workdir, str(path))
+    stats = run_stage("ingest", spark, spark_config, workdir, input=str(path))
     assert (stats["read"], stats["accepted"], stats["quarantined"], stats["blank_lines"]) == (4, 4, 0, 1)
 
     html_id = hashlib.sha256(HTML.encode()).hexdigest()
@@ -71,7 +72,7 @@ def test_ingest_documents(spark: SparkSession, spark_config: Config, workdir: st
     assert documents.where(F.col("input_file").endswith("/docs.jsonl")).count() == 4
     assert documents.where(F.col("doc_id") == html_id).first()["html"] == HTML
 
-    again = run_ingest(spark, spark_config, workdir, str(path))
+    again = run_stage("ingest", spark, spark_config, workdir, input=str(path))
     assert (again["documents_inserted"], again["documents_updated"]) == (0, 0)
     assert read_table(spark, workdir, "documents").count() == 4
 
@@ -92,7 +93,7 @@ def test_bad_input_is_quarantined(spark: SparkSession, spark_config: Config, wor
         {"html": "<html><script>var x = 1;</script></html>"},
         '{"id": "s1", "text": "lone \\ud800 surrogate"}',
     ])
-    stats = run_ingest(spark, spark_config, workdir, str(path))
+    stats = run_stage("ingest", spark, spark_config, workdir, input=str(path))
     assert stats["read"] == stats["accepted"] + stats["quarantined"] == 12
     assert stats["accepted"] == 1 and stats["blank_lines"] == 1
     assert stats["quarantined_by_reason"] == {
@@ -136,7 +137,7 @@ def test_line_numbers_are_exact_across_splits_and_files(
             handle.write(json.dumps({"id": f"c-{i}", "text": f"c {i}"}) + "\n")
     config = spark_config.with_overrides({"ingest.max_record_chars": 300})
     assert (tmp_path / "in" / "a.jsonl").stat().st_size > 4 * 4096  # several splits
-    stats = run_ingest(spark, config, workdir, str(tmp_path / "in"))
+    stats = run_stage("ingest", spark, config, workdir, input=str(tmp_path / "in"))
     assert stats["blank_lines"] == 5 and stats["quarantined_by_reason"] == {"too_large": 1}
     assert stats["read"] == 295 + 40 + 20 == stats["accepted"] + 1
     documents = read_table(spark, workdir, "documents")
@@ -149,7 +150,7 @@ def test_line_numbers_are_exact_across_splits_and_files(
 
 def test_limit_takes_the_first_records(spark: SparkSession, spark_config: Config, workdir: str, tmp_path: Path) -> None:
     path = _write_lines(tmp_path / "many.jsonl", ["", *[{"id": f"d{i}", "text": f"t{i}"} for i in range(1, 11)]])
-    stats = run_ingest(spark, spark_config, workdir, str(path), limit=3)
+    stats = run_stage("ingest", spark, spark_config, workdir, input=str(path), limit=3)
     assert stats["read"] == 3
     ids = sorted(r["doc_id"] for r in read_table(spark, workdir, "documents").collect())
     assert ids == ["d1", "d2", "d3"]
@@ -160,7 +161,7 @@ def test_parquet_input(spark: SparkSession, spark_config: Config, workdir: str, 
 
     path = tmp_path / "pages.parquet"
     pd.DataFrame({"id": ["p1", "p2", "p3"], "text": ["one", None, "three"], "lang": ["en", "de", "fr"]}).to_parquet(path)
-    stats = run_ingest(spark, spark_config, workdir, str(path))
+    stats = run_stage("ingest", spark, spark_config, workdir, input=str(path))
     assert (stats["format"], stats["accepted"], stats["quarantined_by_reason"]) == ("parquet", 2, {"missing_text": 1})
     rows = {r["doc_id"]: r for r in read_table(spark, workdir, "documents").collect()}
     assert rows["p3"]["line_no"] == 3 and json.loads(rows["p3"]["metadata"]) == {"lang": "fr"}

@@ -88,15 +88,14 @@ def _seed(spark: SparkSession, workdir: str) -> None:
 @pytest.fixture(scope="module")
 def trained(spark: SparkSession, spark_config: Config, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A workdir with sft_pairs and a registered tiny model (version 1, @champion)."""
-    from refinex.spark.sft import run_sft_pairs
-    from refinex.spark.train import run_train
+    from refinex.spark.registry import run_stage
 
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         workdir = str(tmp_path_factory.mktemp("refine") / "work")
         _seed(spark, workdir)
-        sft = run_sft_pairs(spark, spark_config, workdir)
-        train = run_train(spark, spark_config, workdir)
+        sft = run_stage("sft_pairs", spark, spark_config, workdir)
+        train = run_stage("train", spark, spark_config, workdir)
     return {"workdir": workdir, "sft": sft, "train": train}
 
 
@@ -125,7 +124,8 @@ def test_sft_pairs_stage(spark: SparkSession, spark_config: Config, trained: dic
     from refinex.chunking import Chunk, program_for_chunk
     from refinex.model.sft import assign_split
     from refinex.program import parse
-    from refinex.spark.sft import prepare_sft_base, run_sft_pairs, tokenizer_id
+    from refinex.spark.registry import run_stage
+    from refinex.spark.sft import prepare_sft_base, tokenizer_id
 
     workdir, sft = trained["workdir"], trained["sft"]
     checkpoint = prepare_sft_base(spark, spark_config, workdir, "tiny", VERSION)
@@ -148,16 +148,16 @@ def test_sft_pairs_stage(spark: SparkSession, spark_config: Config, trained: dic
         assert row["origin_version"] == VERSION and row["n_chunks"] >= 1
     assert {r["split"] for r in table.select("split").distinct().collect()} <= {"train", "validation"}
     # Rebuilding from the same programs changes nothing.
-    again = run_sft_pairs(spark, spark_config, workdir)
+    again = run_stage("sft_pairs", spark, spark_config, workdir)
     assert (again["rows_inserted"], again["rows_updated"], again["rows_deleted"], again["pairs"]) == (0, 0, 0, sft["pairs"])
 
 
 def test_sft_pairs_rebuild_deletes_stale_pairs(spark: SparkSession, spark_config: Config, workdir: str) -> None:
-    from refinex.spark.sft import run_sft_pairs
+    from refinex.spark.registry import run_stage
 
     _seed(spark, workdir)
-    fine = run_sft_pairs(spark, spark_config.with_overrides({"chunking.max_tokens": 120}), workdir)
-    coarse = run_sft_pairs(spark, spark_config.with_overrides({"chunking.max_tokens": 2000}), workdir)
+    fine = run_stage("sft_pairs", spark, spark_config.with_overrides({"chunking.max_tokens": 120}), workdir)
+    coarse = run_stage("sft_pairs", spark, spark_config.with_overrides({"chunking.max_tokens": 2000}), workdir)
     assert fine["pairs"] > coarse["pairs"] == len(DOCS) and coarse["rows_deleted"] == fine["pairs"] - len(DOCS)
     assert read_table(spark, workdir, "sft_pairs").count() == len(DOCS)
 
@@ -165,7 +165,8 @@ def test_sft_pairs_rebuild_deletes_stale_pairs(spark: SparkSession, spark_config
 def test_train_registers_and_reuses(spark: SparkSession, spark_config: Config, trained: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
-    from refinex.spark.train import run_train, tracking_uri_for
+    from refinex.spark.registry import run_stage
+    from refinex.spark.train import tracking_uri_for
 
     train = trained["train"]
     assert (train["model_uri"], train["champion_version"], train["reused"]) == ("models:/refinex-refiner/1", "1", False)
@@ -178,19 +179,18 @@ def test_train_registers_and_reuses(spark: SparkSession, spark_config: Config, t
     version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("refinex-refiner", "1")
     assert version.tags["train_data_version"] == "sft_pairs@1" and "validation_loss" in version.tags
     assert version.tags["train_fingerprint"] == train["train_fingerprint"] and "val_line_f1" in version.tags
-    again = run_train(spark, spark_config, workdir)
+    again = run_stage("train", spark, spark_config, workdir)
     assert again["reused"] and again["model_uri"] == train["model_uri"]
 
 
 def test_refine_stage_with_a_tiny_model(spark: SparkSession, spark_config: Config, trained: dict[str, Any]) -> None:
     from refinex.chunking import hf_token_counter
     from refinex.model.backends import load_backend
-    from refinex.spark.apply import run_apply
-    from refinex.spark.refine import refine_documents, run_refine
-    from refinex.spark.stats import run_stats
+    from refinex.spark.registry import run_stage
+    from refinex.spark.refine import refine_documents
 
     workdir = trained["workdir"]
-    stats = run_refine(spark, spark_config, workdir, "models:/refinex-refiner@champion")
+    stats = run_stage("refine", spark, spark_config, workdir, model="models:/refinex-refiner@champion")
     assert stats["origin_version"] == "refinex-refiner/1" and stats["processed"] == len(DOCS)
     assert stats["invalid_chunks"] == stats["parse_errors"] == stats["ops_out_of_chunk"] == 0  # constrained
     assert stats["chunks"] == trained["sft"]["pairs"]  # chunked exactly as the SFT pairs
@@ -209,11 +209,11 @@ def test_refine_stage_with_a_tiny_model(spark: SparkSession, spark_config: Confi
     outputs = read_table(spark, workdir, "model_outputs").collect()
     assert len(outputs) == len(DOCS) and all(len(r["outputs"]) == r["n_chunks"] for r in outputs)
 
-    again = run_refine(spark, spark_config, workdir, "models:/refinex-refiner/1")
+    again = run_stage("refine", spark, spark_config, workdir, model="models:/refinex-refiner/1")
     assert (again["processed"], again["skipped_existing"]) == (0, len(DOCS))
 
-    applied = run_apply(spark, spark_config, workdir, origin="model", origin_version="refinex-refiner/1")
-    summary = run_stats(spark, spark_config, workdir, origin="model", origin_version="refinex-refiner/1")
+    applied = run_stage("apply", spark, spark_config, workdir, origin="model", origin_version="refinex-refiner/1")
+    summary = run_stage("stats", spark, spark_config, workdir, origin="model", origin_version="refinex-refiner/1")
     assert applied["documents"] == summary["documents"] == len(DOCS)
     refined = read_table(spark, workdir, "refined_documents").where(F.col("origin") == "model")
     assert refined.count() == refined.select("doc_id").distinct().count() == len(DOCS)
@@ -227,14 +227,14 @@ def test_refine_stage_with_a_tiny_model(spark: SparkSession, spark_config: Confi
 def test_model_loaded_once_per_executor_process(
     spark: SparkSession, spark_config: Config, trained: dict[str, Any], tmp_path: Path
 ) -> None:
-    from refinex.spark.refine import run_refine
+    from refinex.spark.registry import run_stage
 
     log = tmp_path / "loads.txt"
     # max_new_tokens is part of the cache key: the workers load this configuration afresh.
     config = spark_config.with_overrides(
         {"refine.load_log": str(log), "refine.docs_per_partition": 1, "refine.max_new_tokens": 5}
     )
-    stats = run_refine(spark, config, trained["workdir"], "models:/refinex-refiner/1", force=True)
+    stats = run_stage("refine", spark, config, trained["workdir"], model="models:/refinex-refiner/1", force=True)
     pids = log.read_text().split()
     assert stats["partitions"] == stats["processed"] == len(DOCS)
     assert len(pids) == len(set(pids)) == stats["model_loads"] == stats["worker_processes"]
@@ -244,10 +244,11 @@ def test_model_loaded_once_per_executor_process(
 def test_min_op_prob_refines_under_its_own_origin_version(
     spark: SparkSession, spark_config: Config, trained: dict[str, Any]
 ) -> None:
-    from refinex.spark.refine import decode_options, run_refine
+    from refinex.spark.registry import run_stage
+    from refinex.spark.refine import decode_options
 
     config = spark_config.with_overrides({"refine.options": {"min_op_prob": 0.5}})
-    stats = run_refine(spark, config, trained["workdir"], "models:/refinex-refiner/1", limit=2)
+    stats = run_stage("refine", spark, config, trained["workdir"], model="models:/refinex-refiner/1", limit=2)
     assert stats["origin_version"] == "refinex-refiner/1+minp0.5" and stats["processed"] == 2
     assert stats["invalid_chunks"] == 0
     assert decode_options(config, True, "transformers")["min_op_prob"] == 0.5
@@ -257,12 +258,13 @@ def test_min_op_prob_refines_under_its_own_origin_version(
 def test_votes_refine_under_their_own_origin_version(
     spark: SparkSession, spark_config: Config, trained: dict[str, Any]
 ) -> None:
-    from refinex.spark.refine import decode_options, decoding_suffix, run_refine
+    from refinex.spark.registry import run_stage
+    from refinex.spark.refine import decode_options, decoding_suffix
 
     config = spark_config.with_overrides(
         {"refine.options": {"votes": 3, "vote_threshold": 0.6, "vote_below": 0.9, "temperature": 0.7}}
     )
-    stats = run_refine(spark, config, trained["workdir"], "models:/refinex-refiner/1", limit=2)
+    stats = run_stage("refine", spark, config, trained["workdir"], model="models:/refinex-refiner/1", limit=2)
     assert stats["origin_version"] == "refinex-refiner/1+vote3t0.6b0.9T0.7" and stats["processed"] == 2
     assert stats["invalid_chunks"] == 0
     assert decode_options(config, True, "transformers")["votes"] == 3
@@ -273,9 +275,10 @@ def test_votes_refine_under_their_own_origin_version(
 
 def test_unconstrained_outputs_are_parsed_never_evaluated(spark: SparkSession, spark_config: Config, trained: dict[str, Any]) -> None:
     from refinex.program import parse
-    from refinex.spark.refine import chunk_program, program_text, run_refine
+    from refinex.spark.registry import run_stage
+    from refinex.spark.refine import chunk_program, program_text
 
-    stats = run_refine(spark, spark_config, trained["workdir"], "models:/refinex-refiner/1", constrained=False,
+    stats = run_stage("refine", spark, spark_config, trained["workdir"], model="models:/refinex-refiner/1", unconstrained=True,
                        split="validation")
     assert stats["origin_version"] == "refinex-refiner/1+unconstrained" and stats["split"] == "validation"
     program, dropped = chunk_program('remove_lines(2, 3)\n__import__("os")\nremove_lines(50, 60)\nkeep_all()', 0, 9)
@@ -293,7 +296,7 @@ def test_cli_sft_train_refine_promote(spark: SparkSession, workdir: str) -> None
     for command in (["sft-pairs"], ["train"]):
         result = runner.invoke(app, [*command, *common], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-    assert "model: models:/refinex-refiner/1 (champion: version 1)" in result.output
+    assert "train: models:/refinex-refiner/1 (champion: version 1)" in result.output
     result = runner.invoke(app, ["refine", "--model", "models:/refinex-refiner@champion", "--limit", "3", *common],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output

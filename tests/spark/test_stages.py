@@ -12,10 +12,8 @@ from pyspark.sql import functions as F
 
 from refinex.config import Config
 from refinex.distill import distill
-from refinex.spark.apply import run_apply
-from refinex.spark.distill import run_distill
-from refinex.spark.expert import expert_version, run_expert
-from refinex.spark.stats import run_stats
+from refinex.spark.registry import run_stage
+from refinex.spark.expert import expert_version
 from refinex.spark.tables import TABLES, merge_into, read_table
 from refinex.status import ALL_STATUSES
 from refinex.text import html_to_text
@@ -53,7 +51,7 @@ def _refinements(spark: SparkSession, rows: list[tuple[str, str, str, Optional[s
 def test_expert_stage_refines_and_skips_done(spark: SparkSession, spark_config: Config, workdir: str) -> None:
     text = html_to_text(ARTICLE_HTML)
     merge_into(spark, workdir, "documents", _documents(spark, [("page", text, ARTICLE_HTML), ("plain", "only text", None)]))
-    stats = run_expert(spark, spark_config, workdir)
+    stats = run_stage("expert", spark, spark_config, workdir)
     version = expert_version("trafilatura", {})
     assert (stats["processed"], stats["ok"], stats["failed"], stats["expert_version"]) == (2, 1, 1, version)
     rows = {r["doc_id"]: r for r in read_table(spark, workdir, "expert_refinements").collect()}
@@ -61,7 +59,7 @@ def test_expert_stage_refines_and_skips_done(spark: SparkSession, spark_config: 
     assert "Home" not in rows["page"]["refined_text"] and rows["page"]["expert_version"] == version
     assert rows["plain"]["status"] == "failed" and rows["plain"]["refined_text"] is None and rows["plain"]["error"]
 
-    again = run_expert(spark, spark_config, workdir)
+    again = run_stage("expert", spark, spark_config, workdir)
     assert (again["skipped_existing"], again["processed"], again["failed"]) == (1, 1, 1)
     assert (again["rows_inserted"], again["rows_updated"]) == (0, 0)
     assert read_table(spark, workdir, "expert_refinements").count() == 2
@@ -76,7 +74,7 @@ def test_distill_stage_matches_the_pure_distiller(spark: SparkSession, spark_con
         ("d2", "trafilatura", "v1", "same\ntext", "ok"),
         ("d3", "trafilatura", "v1", None, "failed"),
     ]))
-    stats = run_distill(spark, spark_config, workdir)
+    stats = run_stage("distill", spark, spark_config, workdir)
     assert (stats["programs"], stats["origin_versions"], stats["failed"]) == (2, ["trafilatura:v1"], 0)
     expected = spark.createDataFrame(
         [("d1", "distilled", "trafilatura:v1", str(distill(raw, refined))),
@@ -88,7 +86,7 @@ def test_distill_stage_matches_the_pure_distiller(spark: SparkSession, spark_con
     d2 = programs.where(F.col("doc_id") == "d2").first()
     assert d2["n_keep_all"] == 1 and d2["exact"] and d2["deleted_chars"] == 0
 
-    again = run_distill(spark, spark_config, workdir)
+    again = run_stage("distill", spark, spark_config, workdir)
     assert (again["rows_inserted"], again["rows_updated"]) == (0, 0)
 
 
@@ -114,7 +112,7 @@ def applied(spark: SparkSession, spark_config: Config, workdir: str) -> dict[str
         ("refined", "trafilatura", "v1", LONG_LINE, "ok"),
         ("failed", "trafilatura", "v1", None, "failed"),
     ]))
-    stats = run_apply(spark, spark_config, workdir, run_id="run-1")
+    stats = run_stage("apply", spark, spark_config, workdir, run_id="run-1")
     return {"version": version, "stats": stats}
 
 
@@ -147,7 +145,7 @@ def test_apply_stage_gives_every_document_one_status(spark: SparkSession, workdi
 def test_stats_stage_one_row_per_document(
     spark: SparkSession, spark_config: Config, workdir: str, applied: dict[str, Any]
 ) -> None:
-    stats = run_stats(spark, spark_config, workdir)
+    stats = run_stage("stats", spark, spark_config, workdir)
     assert stats["origin_version"] == applied["version"]  # from the latest apply run
     assert stats["documents"] == 6 and set(stats["by_status"]) <= set(ALL_STATUSES)
     edit = read_table(spark, workdir, "edit_stats")
@@ -170,20 +168,9 @@ def test_stats_stage_one_row_per_document(
     by_sql = spark.sql(f"SELECT status, count(*) AS n FROM delta.`{workdir}/delta/edit_stats` GROUP BY status")
     assert {r["status"]: r["n"] for r in by_sql.collect()} == stats["by_status"]
 
-    again = run_stats(spark, spark_config, workdir)
+    again = run_stage("stats", spark, spark_config, workdir)
     assert (again["rows_inserted"], again["rows_updated"]) == (0, 0)
 
     plot = Path(stats["plot"])
     assert plot.parent == Path(workdir) / "reports" and plot.suffix == ".png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.parametrize(
-    ("workdir", "local"),
-    [("/tmp/w", "/tmp/w"), ("work/demo", "work/demo"), ("file:///tmp/w", "/tmp/w"),
-     ("dbfs:/Volumes/main/w", None), ("gs://bucket/w", None), ("s3a://bucket/w", None)],
-)
-def test_only_local_workdirs_get_a_plot(workdir: str, local: str | None) -> None:
-    from refinex.spark.stats import _local_dir
-
-    assert _local_dir(workdir) == (Path(local) if local else None)
