@@ -14,9 +14,6 @@ from pyspark.sql import SparkSession
 from refinex.config import Config
 from refinex.notebook import (
     NotebookError,
-    _split_statements,
-    _substitute,
-    _Widgets,
     deletion_marks,
     env_name,
     parse_notebook,
@@ -25,6 +22,7 @@ from refinex.notebook import (
     sql_parameters,
     widget,
 )
+from refinex.notebook.runner import _split_statements, _substitute, _Widgets
 from refinex.program import execute, parse
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
