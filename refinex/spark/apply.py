@@ -13,7 +13,6 @@ import gzip
 import io
 import json
 import logging
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Optional
 

@@ -8,14 +8,11 @@ new expert version adds programs next to the old ones instead of replacing them.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Optional
 
-from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import BooleanType, DoubleType, IntegerType, LongType, StringType, StructField, StructType
+from pyspark.sql.types import IntegerType, LongType
 
-from refinex.config import Config
 from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, EXPERT_REFINEMENTS, ORIGIN_DISTILLED, PROGRAMS, TABLES
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -28,7 +27,6 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
-from refinex.config import Config
 from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, QUARANTINE, utf8_encodable
 

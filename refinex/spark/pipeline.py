@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 from pyspark.sql import SparkSession
 
 from refinex.config import Config
-from refinex.spark.registry import MODEL_RUN_SUFFIX, REGISTERED_MODEL, pipeline_steps, run_steps
+from refinex.spark.registry import REGISTERED_MODEL, pipeline_steps, run_steps
 from refinex.spark.stage import context
 from refinex.spark.tables import TABLES, new_run_id, record_stage_run
 

@@ -35,12 +35,11 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, StructType
 
@@ -472,7 +471,7 @@ def refine_documents_with_model(
     """
     from refinex.spark.sft import tokenizer_files, tokenizer_id
 
-    spark, config, workdir, run_id = ctx.spark, ctx.config, ctx.workdir, ctx.run_id
+    config, workdir, run_id = ctx.config, ctx.workdir, ctx.run_id
     model_uri = model or trained_in_run(ctx) or champion_uri(config)
     constrained = False if unconstrained else None
     rc = config.refine

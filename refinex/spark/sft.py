@@ -21,13 +21,11 @@ import hashlib
 import logging
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, StructType
 
 from refinex.config import Config
 from refinex.spark.stage import Param, Stage, StageContext

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 from pyspark.sql import DataFrame, SparkSession
 
-from refinex.config import Config, ConfigError
+from refinex.config import Config
 from refinex.locations import driver_path
 from refinex.spark.tables import (
     TABLES,
@@ -248,15 +248,3 @@ def execute(stage: Stage, ctx: StageContext, **params: Any) -> dict[str, Any]:
     describe = stage.describe or _default_describe
     log.info("%s: %s (%.1fs)", stage.name, describe(stats), stats["seconds"])
     return stats
-
-
-def check_params(stage: Stage, values: Mapping[str, Any]) -> None:
-    """ConfigError naming the stage when a required parameter is missing."""
-    try:
-        stage.bind(values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def stage_names(stages: Sequence[Stage]) -> list[str]:
-    return [s.name for s in stages]

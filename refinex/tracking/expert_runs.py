@@ -9,7 +9,6 @@ that never contain a key.
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
