@@ -250,7 +250,7 @@ def _probe_steps(pairs: Sequence[tuple[str, str]], steps: int) -> dict[str, Any]
     import torch
 
     from refinex.model.bases import load_checkpoint, prepare_base
-    from refinex.model.train import _autocast, _collate, encode_pair, target_loss_sum
+    from refinex.model.train import autocast_context, collate_batch, encode_pair, target_loss_sum
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, tokenizer = load_checkpoint(prepare_base("smollm2-135m"))
@@ -268,8 +268,8 @@ def _probe_steps(pairs: Sequence[tuple[str, str]], steps: int) -> dict[str, Any]
         seconds = cpu_seconds = tokens = 0.0
         for index, example in enumerate(chosen):
             started, cpu_started = time.perf_counter(), time.process_time()
-            with _autocast(torch.device("cpu"), precision):
-                loss_sum, n_tokens = target_loss_sum(model, *_collate([example], int(tokenizer.pad_token_id), "cpu"))
+            with autocast_context(torch.device("cpu"), precision):
+                loss_sum, n_tokens = target_loss_sum(model, *collate_batch([example], int(tokenizer.pad_token_id), "cpu"))
             (loss_sum / n_tokens).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

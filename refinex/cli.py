@@ -176,15 +176,17 @@ def _refine_body(values: dict[str, Any], workdir: Optional[str], config: Optiona
     """``refine``: the model chain (refine -> apply -> stats), or the refine stage alone."""
 
     def action() -> None:
-        from refinex.spark.registry import MODEL_CHAIN, get_stage, run_steps
+        from refinex.spark.registry import MODEL_CHAIN, REGISTERED_MODEL, get_stage, run_steps
         from refinex.spark.stage import execute
+        from refinex.spark.tables import TABLES
 
         only = values.pop("no_apply")
         ctx = _context(_config(config, set_), workdir, run_id)
         if only:
             _print_json(execute(get_stage("refine"), ctx, **values))
             return
-        results = run_steps(ctx, MODEL_CHAIN, {"refine": values}, external=("registered_model",))
+        # The chain runs on a finished workdir: every table and the registry exist before it.
+        results = run_steps(ctx, MODEL_CHAIN, {"refine": values}, external=(*TABLES, REGISTERED_MODEL))
         _print_json({"refine": results["refine"], "apply": results["apply_model"], "stats": results["stats_model"]})
 
     _run(action)

@@ -67,21 +67,35 @@ class SparkConfig:
 
     master: Optional[str] = "local[*]"
     app_name: str = "refinex"
-    shuffle_partitions: int = 8
+    shuffle_partitions: Optional[int] = None  # None: the local master's cores, else 200
     arrow_max_records_per_batch: int = 128
     ui_enabled: bool = True
     console_progress: bool = True
     log_level: str = "WARN"
     delta: str = DELTA_LOCAL
     jar_resolver: str = "auto"
+    quick_jit: bool = True  # local sessions: the JVM's quick (C1) compiler only
     conf: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def partitions(self) -> int:
+        """``shuffle_partitions``, else one per core of a local master (``local[N]``,
+        ``local[*]`` = this machine's), else 200."""
+        if self.shuffle_partitions is not None:
+            return self.shuffle_partitions
+        match = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\s*\d+)?\])?", (self.master or "").strip())
+        if match is None:
+            return 200
+        cores = match.group(1)
+        return int(cores) if cores and cores != "*" else max(1, os.cpu_count() or 1)
 
     def validate(self) -> None:
         if self.delta not in DELTA_MODES:
             raise ConfigError(f"spark.delta must be one of {DELTA_MODES}, got {self.delta!r}")
         if self.jar_resolver not in JAR_RESOLVERS:
             raise ConfigError(f"spark.jar_resolver must be one of {JAR_RESOLVERS}, got {self.jar_resolver!r}")
-        _positive("spark.shuffle_partitions", self.shuffle_partitions)
+        if self.shuffle_partitions is not None:
+            _positive("spark.shuffle_partitions", self.shuffle_partitions)
         _positive("spark.arrow_max_records_per_batch", self.arrow_max_records_per_batch)
 
 

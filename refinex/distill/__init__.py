@@ -61,7 +61,6 @@ How the alignment works (all of it linear or near-linear on real documents):
 from __future__ import annotations
 
 from refinex.distill.distillation import Distillation, distill, distill_report
-from refinex.distill.lcs import align as _align  # noqa: F401 - imported by tests/unit/test_distill.py
 from refinex.distill.plan import settle_blank_lines
 
 __all__ = ["Distillation", "distill", "distill_report", "settle_blank_lines"]

@@ -283,7 +283,7 @@ def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random, group:
     return batches
 
 
-def _collate(examples: Sequence[EncodedExample], pad_id: int, device: Any) -> tuple[Any, Any, Any]:
+def collate_batch(examples: Sequence[EncodedExample], pad_id: int, device: Any) -> tuple[Any, Any, Any]:
     import torch
 
     width = max(len(e.input_ids) for e in examples)
@@ -344,17 +344,17 @@ def evaluate_loss(
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, tokens = 0.0, 0
-    with torch.no_grad(), _autocast(device, precision):
+    with torch.no_grad(), autocast_context(device, precision):
         for start in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[start : start + batch_size]]
-            loss_sum, n = target_loss_sum(model, *_collate(batch, pad_id, device))
+            loss_sum, n = target_loss_sum(model, *collate_batch(batch, pad_id, device))
             total += float(loss_sum.item())
             tokens += n
     model.train(was_training)
     return total / max(tokens, 1)
 
 
-def _autocast(device: Any, precision: str) -> Any:
+def autocast_context(device: Any, precision: str) -> Any:
     import contextlib
 
     import torch
@@ -458,8 +458,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for batch in group:
-                with _autocast(device, precision):
-                    loss_sum, _ = target_loss_sum(model, *_collate(batch, pad_id, device))
+                with autocast_context(device, precision):
+                    loss_sum, _ = target_loss_sum(model, *collate_batch(batch, pad_id, device))
                 loss = loss_sum / group_tokens
                 loss.backward()
                 step_loss += float(loss.item())

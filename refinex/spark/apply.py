@@ -210,7 +210,7 @@ def apply_programs(
         joined = joined.withColumn("expert_status", F.lit(None).cast("string"))
     g = config.guardrails
     applied = (
-        joined.repartition(config.spark.shuffle_partitions, "doc_id")
+        joined.repartition(config.spark.partitions, "doc_id")
         .mapInPandas(_apply_partition(float(g.max_error_ratio), int(g.min_kept_chars)), APPLIED_SCHEMA)
         .select(
             "doc_id",

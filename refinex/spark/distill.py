@@ -92,7 +92,7 @@ def distill_programs(ctx: StageContext, expert: Optional[str] = None) -> dict[st
     metrics = {"inserted": 0, "updated": 0}
     if versions:
         distilled = (
-            pairs.repartition(config.spark.shuffle_partitions, "doc_id")
+            pairs.repartition(config.spark.partitions, "doc_id")
             .mapInPandas(_distill_partition(), DISTILLED_SCHEMA)
             .withColumns({"origin": F.lit(ORIGIN_DISTILLED), "created_at": F.current_timestamp()})
         )

@@ -335,7 +335,7 @@ def ingest_documents(
             F.format_string(f"the record has %d characters (limit {ic.max_record_chars})", length),
         )
         .alias("pre_detail"),
-    ).repartition(config.spark.shuffle_partitions, "input_file", "line_no")
+    ).repartition(config.spark.partitions, "input_file", "line_no")
     parsed = lines.mapInPandas(_parse_partition(ic.n_shards, ic.max_text_chars, ic.max_html_chars), PARSED_SCHEMA)
     by_id = Window.partitionBy("doc_id").orderBy("input_file", "line_no")
     parsed = parsed.withColumn(

@@ -181,13 +181,13 @@ def resolve_model(config: Config, workdir: str, model_uri: str, constrained: boo
 
 def _cached_checkpoint(target: Path, source: str) -> Optional[Path]:
     """The checkpoint downloaded to ``target`` from ``source`` before (or ``None``)."""
-    from refinex.tracking.mlflow_utils import _checkpoint_in
+    from refinex.tracking.mlflow_utils import checkpoint_in
 
     marker = target / _SOURCE_FILE
     if not marker.is_file() or marker.read_text(encoding="utf-8") != source:
         return None
     try:
-        return _checkpoint_in(target)
+        return checkpoint_in(target)
     except FileNotFoundError:
         return None
 
@@ -446,6 +446,7 @@ def trained_in_run(ctx: StageContext) -> Optional[str]:
     row = (
         ctx.read(STAGE_RUNS)
         .where((F.col("run_id") == ctx.run_id) & (F.col("stage") == "train"))
+        .orderBy(F.col("ended_at").desc())
         .select("stats")
         .first()
     )
@@ -495,7 +496,7 @@ def refine_documents_with_model(
     n_todo = todo.count()
     # About docs_per_partition documents per task, and at least spark.shuffle_partitions
     # tasks (small inputs still use every core).
-    partitions = max(1, math.ceil(n_todo / rc.docs_per_partition), min(n_todo, config.spark.shuffle_partitions))
+    partitions = max(1, math.ceil(n_todo / rc.docs_per_partition), min(n_todo, config.spark.partitions))
     metrics = {"inserted": 0, "updated": 0}
     summary: dict[str, Any] = {}
     seconds = 0.0

@@ -19,6 +19,7 @@ from typing import Optional
 from pyspark.sql import SparkSession
 
 from refinex.config import DELTA_CLUSTER, Config
+from refinex.locations import is_local, local_path
 from refinex.spark.jars import ensure_delta_jars, ivy_home
 
 log = logging.getLogger(__name__)
@@ -28,20 +29,10 @@ DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-def is_local_path(path: str) -> bool:
-    """True for plain paths and ``file:`` URIs (not dbfs:, gs:, s3a:, abfss:, ...)."""
-    return "://" not in path or path.startswith("file://")
-
-
-def local_path(path: str) -> Path:
-    """A local workdir as a ``Path`` (``file://`` stripped)."""
-    return Path(path[len("file://") :] if path.startswith("file://") else path).expanduser().resolve()
-
-
 def runtime_conf(config: Config) -> dict[str, str]:
     """SQL options refinex sets on every session (runtime-settable ones only)."""
     conf = {
-        "spark.sql.shuffle.partitions": str(config.spark.shuffle_partitions),
+        "spark.sql.shuffle.partitions": str(config.spark.partitions),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.spark.arrow_max_records_per_batch),
         "spark.sql.session.timeZone": "UTC",
@@ -102,17 +93,20 @@ def _local_session(config: Config, workdir: Optional[str]) -> SparkSession:
         "spark.driver.host": os.environ["SPARK_LOCAL_IP"],
         "spark.driver.bindAddress": os.environ["SPARK_LOCAL_IP"],
         # Delta reads its log with this many tasks (default 50: far too many on one machine).
-        "spark.databricks.delta.snapshotPartitions": str(sc.shuffle_partitions),
+        "spark.databricks.delta.snapshotPartitions": str(sc.partitions),
         **runtime_conf(config),
     }
-    if workdir is not None and is_local_path(workdir):
+    java_options = ["-XX:TieredStopAtLevel=1"] if sc.quick_jit else []
+    if workdir is not None and is_local(workdir):
         spark_dir = local_path(workdir) / "spark"
         for sub in ("warehouse", "derby", "local"):
             (spark_dir / sub).mkdir(parents=True, exist_ok=True)
         conf["spark.sql.warehouse.dir"] = str(spark_dir / "warehouse")
         # Scratch space (shuffle, spills); the variable wins over spark.local.dir anyway.
         os.environ.setdefault("SPARK_LOCAL_DIRS", str(spark_dir / "local"))
-        conf["spark.driver.extraJavaOptions"] = f"-Dderby.system.home={spark_dir / 'derby'}"
+        java_options.append(f"-Dderby.system.home={spark_dir / 'derby'}")
+    if java_options:
+        conf["spark.driver.extraJavaOptions"] = " ".join(java_options)
     if sc.jar_resolver == "spark":
         from delta import configure_spark_with_delta_pip
 

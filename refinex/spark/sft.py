@@ -189,7 +189,7 @@ def build_sft_pairs(ctx: StageContext, origin_version: Optional[str] = None, bas
     files = tokenizer_files(checkpoint)
     labelled = _labelled_documents(spark, workdir, version)
     n_documents = labelled.count()
-    partitions = max(1, min(config.spark.shuffle_partitions * 4, -(-n_documents // 50)))
+    partitions = max(1, min(config.spark.partitions * 4, -(-n_documents // 50)))
     pairs = (
         labelled.repartition(partitions, "doc_id")
         .mapInPandas(

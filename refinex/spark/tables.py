@@ -216,7 +216,9 @@ TABLES: dict[str, TableSpec] = {
             _f("run_id", S, False), _f("stage", S, False), _f("started_at", T), _f("ended_at", T),
             _f("params", S), _f("stats", S),
         ]),
-        keys=("run_id", "stage"),
+        # One row per attempt: a task retried under the same run id adds a row (appended,
+        # never merged: the start time makes it new).
+        keys=("run_id", "stage", "started_at"),
     ),
 }
 
@@ -350,6 +352,9 @@ def table_exists(spark: SparkSession, tables: "TableResolver | str", table: str)
     return exists
 
 
+_FRESH: set[tuple[str, str]] = set()
+"""Tables this process created and has not written since (known to be empty)."""
+
 _REGISTERED: dict[tuple[str, str], str] = {}
 """(Spark application id, registered name) -> the location it points at in this session."""
 
@@ -406,6 +411,7 @@ def ensure_table(spark: SparkSession, tables: "TableResolver | str", table: str)
             builder = builder.partitionedBy(*spec.partition_by)
         builder.execute()
     _EXISTING.add(_session_key(spark, location or resolver.name(table)))
+    _FRESH.add(_session_key(spark, location or resolver.name(table)))
     _register(spark, resolver, table)
 
 
@@ -486,6 +492,13 @@ def merge_into(
     ensure_table(spark, resolver, table)
     source = dedupe_on_key(df, spec.keys, order_by) if order_by else df.dropDuplicates(list(spec.keys))
     source = conform(source, table)
+    fresh = _session_key(spark, resolver.location(table) or resolver.name(table))
+    if fresh in _FRESH:
+        # Created empty by this process and not written since: the MERGE would insert every
+        # (deduplicated) source row, so an append does the same without the join.
+        _FRESH.discard(fresh)
+        return {"inserted": append_rows(spark, resolver, table, source), "updated": 0,
+                **({"deleted": 0} if delete_missing else {})}
     on = " AND ".join(f"t.`{c}` = s.`{c}`" for c in spec.keys)
     types = {f.name: f.dataType for f in spec.schema.fields}
     unchanged = " AND ".join(_same(c, types[c]) for c in spec.content_columns)
@@ -507,6 +520,24 @@ def merge_into(
     return counts
 
 
+def append_rows(spark: SparkSession, tables: "TableResolver | str", table: str, df: DataFrame) -> int:
+    """Append ``df`` (conformed to the table) without a MERGE; returns the rows written.
+
+    For rows that are new by construction (``stage_runs``: one per stage attempt) and for
+    tables this process has just created."""
+    resolver = as_resolver(tables)
+    ensure_table(spark, resolver, table)
+    _FRESH.discard(_session_key(spark, resolver.location(table) or resolver.name(table)))
+    writer = conform(df, table).write.format("delta").mode("append")
+    location = resolver.location(table)
+    if location is None:
+        writer.saveAsTable(resolver.display_name(table))
+    else:
+        writer.save(location)
+    metrics = _delta_table(spark, resolver, table).history(1).select("operationMetrics").first()
+    return int(((metrics[0] if metrics is not None else None) or {}).get("numOutputRows", 0) or 0)
+
+
 def _json(value: Mapping[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
 
@@ -521,7 +552,6 @@ def record_stage_run(
     params: Mapping[str, Any],
     stats: Mapping[str, Any],
 ) -> None:
-    """Write the ``stage_runs`` row of one stage execution."""
+    """Append the ``stage_runs`` row of one stage execution (attempt)."""
     row = (run_id, stage, started_at, ended_at, _json(params), _json(stats))
-    df = spark.createDataFrame([row], TABLES[STAGE_RUNS].schema)
-    merge_into(spark, tables, STAGE_RUNS, df)
+    append_rows(spark, tables, STAGE_RUNS, spark.createDataFrame([row], TABLES[STAGE_RUNS].schema))

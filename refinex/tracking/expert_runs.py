@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from refinex.locations import is_local, local_path
-from refinex.tracking.mlflow_utils import _artifact_root, _experiment_id, resolve_tracking_uri, safe_params
+from refinex.tracking.mlflow_utils import artifact_root, experiment_id_for, resolve_tracking_uri, safe_params
 
 __all__ = ["DEFAULT_EXPERT_EXPERIMENT", "expert_tracking_uri", "log_expert_run"]
 
@@ -59,7 +59,7 @@ def log_expert_run(
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment_id(client, experiment, _artifact_root(uri, _local_dir(workdir)))
+    experiment_id = experiment_id_for(client, experiment, artifact_root(uri, _local_dir(workdir)))
     run = client.create_run(experiment_id, run_name=run_name, tags=safe_params(dict(tags or {})))
     run_id = str(run.info.run_id)
     try:

@@ -152,7 +152,7 @@ def _tracking_at(uri: str, registry_uri: Optional[str] = None) -> Iterator[None]
             os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
-def _artifact_root(uri: str, workdir: Optional[Union[str, os.PathLike[str]]]) -> Optional[str]:
+def artifact_root(uri: str, workdir: Optional[Union[str, os.PathLike[str]]]) -> Optional[str]:
     """``<workdir>/mlruns`` (as a file URI) for a local SQLite store; the server's otherwise."""
     if not uri.startswith("sqlite:///"):
         return None
@@ -160,7 +160,7 @@ def _artifact_root(uri: str, workdir: Optional[Union[str, os.PathLike[str]]]) ->
     return (root.resolve() / "mlruns").as_uri()
 
 
-def _experiment_id(client: MlflowClient, name: str, artifact_location: Optional[str]) -> str:
+def experiment_id_for(client: MlflowClient, name: str, artifact_location: Optional[str]) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
@@ -339,7 +339,7 @@ def _log_training_run(
     registry_uri: str,
 ) -> LoggedRun:
     client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
-    experiment_id = _experiment_id(client, experiment, _artifact_root(uri, workdir))
+    experiment_id = experiment_id_for(client, experiment, artifact_root(uri, workdir))
     data_version_text = None if data_version is None else str(data_version)
     if data_version_text is None and result.train_data_version is not None:
         data_version_text = str(result.train_data_version)
@@ -446,7 +446,7 @@ def get_alias_version(
         return None
 
 
-def _checkpoint_in(directory: Path) -> Path:
+def checkpoint_in(directory: Path) -> Path:
     """The HF checkpoint directory inside a downloaded MLflow model (or the directory itself)."""
     if (directory / "config.json").is_file():
         return directory
@@ -483,7 +483,7 @@ def resolve_model_uri(
     if scheme in ("", "file"):
         local = Path(urlsplit(text).path if scheme == "file" else text).expanduser()
         if local.is_dir():
-            return _checkpoint_in(local.resolve())
+            return checkpoint_in(local.resolve())
         if scheme == "":
             raise FileNotFoundError(f"{text} is not a directory")
     resolved = resolve_tracking_uri(tracking_uri, workdir)
@@ -495,4 +495,4 @@ def resolve_model_uri(
         downloaded = mlflow.artifacts.download_artifacts(
             artifact_uri=text, dst_path=str(target), tracking_uri=resolved, registry_uri=registry
         )
-    return _checkpoint_in(Path(downloaded))
+    return checkpoint_in(Path(downloaded))

@@ -18,7 +18,7 @@ from refinex.model.train import (
     MODEL_INFO_FILE,
     TrainConfig,
     _batches,
-    _collate,
+    collate_batch,
     _moving_average,
     _resolve_device_and_precision,
     encode_pair,
@@ -41,7 +41,7 @@ def test_encode_pair_supervises_target_plus_eos_only(tiny_model_dir: Path) -> No
     target_ids = tok(TARGET, add_special_tokens=False)["input_ids"]
     assert list(example.input_ids) == prompt_ids + target_ids + [tok.eos_token_id]
     assert example.n_prompt == len(prompt_ids)
-    ids, mask, labels = _collate([example, encode_pair(tok, "x", "keep_all()\n", 64)], tok.pad_token_id, "cpu")
+    ids, mask, labels = collate_batch([example, encode_pair(tok, "x", "keep_all()\n", 64)], tok.pad_token_id, "cpu")
     row = labels[0].tolist()
     assert row[: example.n_prompt] == [IGNORE_INDEX] * example.n_prompt
     assert row[example.n_prompt :] == list(example.input_ids[example.n_prompt :])
@@ -70,7 +70,7 @@ def test_target_loss_matches_transformers_loss(
         monkeypatch.setattr(train_module, "_PLAIN_HEAD_MODEL_TYPES", frozenset())
     model, tok = load_checkpoint(tiny_model_dir)
     examples = [encode_pair(tok, PROMPT, TARGET, 4096), encode_pair(tok, "[000] a b", "keep_all()\n", 4096)]
-    ids, mask, labels = _collate(examples, tok.pad_token_id, "cpu")
+    ids, mask, labels = collate_batch(examples, tok.pad_token_id, "cpu")
     with torch.no_grad():
         loss_sum, n_tokens = target_loss_sum(model, ids, mask, labels)
         reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss

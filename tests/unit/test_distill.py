@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from refinex.distill import Distillation, _align, distill, distill_report
+from refinex.distill import Distillation, distill, distill_report
+from refinex.distill.lcs import align as _align
 from refinex.program import KeepAll, Program, RemoveLines, RemoveStr, execute, parse
 from refinex.program.execute import Guardrails
 

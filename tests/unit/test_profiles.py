@@ -119,7 +119,7 @@ def _error(target: str, overrides: Optional[list[str]] = None) -> str:
         ("spark", "shuffle_partition", 3, "unknown key (did you mean 'shuffle_partitions'?"),
         ("train", "epoch", 3, "unknown key (did you mean 'epochs'?"),
         # wrong types
-        ("spark", "shuffle_partitions", "eight", "expected an integer, got the string 'eight'"),
+        ("spark", "shuffle_partitions", "eight", "expected an integer or null, got the string 'eight'"),
         ("spark", "ui_enabled", "yes", "expected true or false, got the string 'yes'"),
         ("ingest", "n_shards", 2.5, "expected an integer, got the number 2.5"),
         ("guardrails", "max_error_ratio", "half", "expected a number, got the string 'half'"),
