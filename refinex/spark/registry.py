@@ -176,7 +176,6 @@ def run_steps(
         values.update((params or {}).get(step.key, {}))
         step_ctx = ctx.with_run_id(f"{ctx.run_id}{step.run_suffix}") if step.run_suffix else ctx
         results[step.key] = execute(step.declaration, step_ctx, **values)
-        ctx.config = step_ctx.config
     return results
 
 

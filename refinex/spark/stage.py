@@ -228,7 +228,8 @@ def _default_describe(stats: Mapping[str, Any]) -> str:
 def execute(stage: Stage, ctx: StageContext, **params: Any) -> dict[str, Any]:
     """Run one stage inside the envelope (see the module docstring); returns its statistics."""
     kwargs, configuring = stage.bind(params)
-    ctx.config = stage.configured(ctx.config, configuring)
+    # A context of its own: row counts and recorded values are this stage's alone.
+    ctx = StageContext(ctx.spark, stage.configured(ctx.config, configuring), ctx.tables, ctx.workdir, ctx.run_id)
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     stats = dict(stage.transform(ctx, **kwargs))

@@ -120,8 +120,11 @@ def test_the_envelope_records_counts_tables_and_the_run(spark: SparkSession, spa
     assert row is not None and row["run_id"] == "run-echo"
     assert json.loads(row["params"]) == {"rows": 3, "fail": False, "resolved": "yes"}
     assert json.loads(row["stats"])["rows_written"] == 3
-    again = execute(ECHO, context(spark, spark_config, workdir, "run-echo-2"), rows=3)
+    shared = context(spark, spark_config, workdir, "run-echo-2")
+    again = execute(ECHO, shared, rows=3)
     assert again["rows"][QUARANTINE] == {"inserted": 0, "updated": 0}  # the MERGE is idempotent
+    more = execute(ECHO, shared, rows=5)  # the same context: counts are the stage's own
+    assert more["rows"][QUARANTINE] == {"inserted": 2, "updated": 0}
     with pytest.raises(TypeError, match="unknown parameter"):
         execute(ECHO, context(spark, spark_config, workdir), colour="red")
     with pytest.raises(RuntimeError, match="boom"):
