@@ -520,8 +520,11 @@ def merge_into(
     return counts
 
 
-def append_rows(spark: SparkSession, tables: "TableResolver | str", table: str, df: DataFrame) -> int:
-    """Append ``df`` (conformed to the table) without a MERGE; returns the rows written.
+def append_rows(
+    spark: SparkSession, tables: "TableResolver | str", table: str, df: DataFrame, count: bool = True
+) -> int:
+    """Append ``df`` (conformed to the table) without a MERGE; returns the rows written
+    (read from the commit's metrics; -1 without ``count``, which saves that Delta read).
 
     For rows that are new by construction (``stage_runs``: one per stage attempt) and for
     tables this process has just created."""
@@ -534,6 +537,8 @@ def append_rows(spark: SparkSession, tables: "TableResolver | str", table: str, 
         writer.saveAsTable(resolver.display_name(table))
     else:
         writer.save(location)
+    if not count:
+        return -1
     metrics = _delta_table(spark, resolver, table).history(1).select("operationMetrics").first()
     return int(((metrics[0] if metrics is not None else None) or {}).get("numOutputRows", 0) or 0)
 
@@ -554,4 +559,4 @@ def record_stage_run(
 ) -> None:
     """Append the ``stage_runs`` row of one stage execution (attempt)."""
     row = (run_id, stage, started_at, ended_at, _json(params), _json(stats))
-    append_rows(spark, tables, STAGE_RUNS, spark.createDataFrame([row], TABLES[STAGE_RUNS].schema))
+    append_rows(spark, tables, STAGE_RUNS, spark.createDataFrame([row], TABLES[STAGE_RUNS].schema), count=False)
