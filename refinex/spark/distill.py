@@ -89,14 +89,13 @@ def distill_programs(ctx: StageContext, expert: Optional[str] = None) -> dict[st
     documents = ctx.read(DOCUMENTS).select("doc_id", "text")
     pairs = documents.join(refinements, "doc_id")
     versions = sorted(r[0] for r in pairs.select("origin_version").distinct().collect())
-    metrics = {"inserted": 0, "updated": 0}
     if versions:
         distilled = (
             pairs.repartition(config.spark.partitions, "doc_id")
             .mapInPandas(_distill_partition(), DISTILLED_SCHEMA)
             .withColumns({"origin": F.lit(ORIGIN_DISTILLED), "created_at": F.current_timestamp()})
         )
-        metrics = ctx.merge(PROGRAMS, distilled)
+        ctx.merge(PROGRAMS, distilled)
     summary = (
         ctx.read(PROGRAMS)
         .where((F.col("origin") == ORIGIN_DISTILLED) & F.col("origin_version").isin(versions))
@@ -123,8 +122,6 @@ def distill_programs(ctx: StageContext, expert: Optional[str] = None) -> dict[st
         "mean_unrepresentable_ratio": float(summary["unrep"]) if summary and summary["unrep"] is not None else None,
         "deleted_chars": int(summary["deleted"] or 0) if summary else 0,
         "kept_chars": int(summary["kept"] or 0) if summary else 0,
-        "rows_inserted": metrics["inserted"],
-        "rows_updated": metrics["updated"],
     }
     ctx.record(expert=name)
     return stats

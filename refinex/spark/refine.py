@@ -497,7 +497,6 @@ def refine_documents_with_model(
     # About docs_per_partition documents per task, and at least spark.shuffle_partitions
     # tasks (small inputs still use every core).
     partitions = max(1, math.ceil(n_todo / rc.docs_per_partition), min(n_todo, config.spark.partitions))
-    metrics = {"inserted": 0, "updated": 0}
     summary: dict[str, Any] = {}
     seconds = 0.0
     if n_todo:
@@ -521,7 +520,7 @@ def refine_documents_with_model(
                                                  "unrepresentable_ratio", "exact")],
                 F.current_timestamp().alias("created_at"),
             )
-            metrics = ctx.merge(PROGRAMS, programs)
+            ctx.merge(PROGRAMS, programs)
             outputs = refined.select(
                 "doc_id",
                 F.lit(origin_version).alias("origin_version"),
@@ -564,8 +563,6 @@ def refine_documents_with_model(
             "invalid_docs", "model_loads", "worker_processes")},
         "generate_seconds": round(seconds, 3),
         "docs_per_s": round(n_todo / seconds, 3) if seconds > 0 else None,
-        "rows_inserted": metrics["inserted"],
-        "rows_updated": metrics["updated"],
     }
     ctx.record(
         model_uri=model_uri, resolved_uri=resolved.uri, origin_version=origin_version, backend=kind,

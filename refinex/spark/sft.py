@@ -239,8 +239,6 @@ def build_sft_pairs(ctx: StageContext, origin_version: Optional[str] = None, bas
             for split in ("train", "validation")
         },
         "table_version": ctx.version(SFT_PAIRS),
-        "rows_inserted": metrics["inserted"],
-        "rows_updated": metrics["updated"],
         "rows_deleted": metrics.get("deleted", 0),
     }
     ctx.record(
