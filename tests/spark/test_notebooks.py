@@ -4,28 +4,41 @@ model registered as version 1 @champion, its programs)."""
 from __future__ import annotations
 
 import html
+import importlib.util
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator
 
 import pytest
 from pyspark.sql import SparkSession
 
 from refinex.config import Config
-from refinex.notebook import (
-    NotebookError,
-    deletion_marks,
-    env_name,
-    parse_notebook,
-    render_explorer,
-    run_notebook,
-    sql_parameters,
-    widget,
-)
-from refinex.notebook.runner import _split_statements, _substitute, _Widgets
+from refinex.notebook import deletion_marks, env_name, render_explorer, widget
 from refinex.program import execute, parse
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_runner() -> ModuleType:
+    """``scripts/run_notebook.py`` (a script, not a package module)."""
+    spec = importlib.util.spec_from_file_location("run_notebook", REPO_ROOT / "scripts" / "run_notebook.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_notebook"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
+NotebookError = runner.NotebookError
+parse_notebook = runner.parse_notebook
+run_notebook = runner.run_notebook
+sql_parameters = runner.sql_parameters
+_split_statements = runner._split_statements
+_substitute = runner._substitute
+_Widgets = runner._Widgets
 NOTEBOOKS = REPO_ROOT / "notebooks"
 SAMPLE = REPO_ROOT / "data" / "sample" / "pages-sample.jsonl.gz"
 EDIT_STATISTICS = NOTEBOOKS / "01_edit_statistics.py"
@@ -82,6 +95,15 @@ def test_sql_statements_and_parameters() -> None:
     assert text == "SELECT * FROM edit_stats WHERE origin = :origin LIMIT 5" and args == {"origin": "model"}
     with pytest.raises(NotebookError, match="no widget named 'missing'"):
         _substitute("SELECT :missing", widgets)
+
+
+def test_runner_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_notebook = tmp_path / "plain.py"
+    not_a_notebook.write_text("print(1)\n", encoding="utf-8")
+    assert runner.main([str(not_a_notebook), "workdir=x"]) == 1
+    assert "Databricks notebook source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main([str(not_a_notebook), "no-equals-sign"])
 
 
 def test_widget_falls_back_on_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

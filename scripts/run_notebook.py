@@ -1,5 +1,10 @@
-"""The local runner of Databricks-source notebooks: run ``notebooks/*.py`` top to bottom off
-Databricks (in tests and on a laptop) as a job would on a cluster.
+"""Run a Databricks-source notebook (``notebooks/*.py``) top to bottom off Databricks, in
+tests and on a laptop, as a job would on a cluster::
+
+    python scripts/run_notebook.py notebooks/01_edit_statistics.py workdir=work/demo
+
+A development tool kept outside the ``refinex`` package: it executes the notebook's own
+Python cells, and nothing in the package that runs on clusters executes code it reads.
 
 :func:`run_notebook` executes a notebook in one namespace: Python cells as code, ``%md``
 cells skipped, ``%sql`` cells through ``spark.sql`` with widget parameters substituted as
@@ -351,3 +356,31 @@ def run_notebook(
                 ) from exc
             ran.append({"cell": cell.index, "kind": cell.kind, "seconds": round(time.perf_counter() - started, 2)})
     return namespace
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``run_notebook.py NOTEBOOK [name=value ...]``: the widgets' values as ``name=value``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebook", help="a notebook in Databricks source format")
+    parser.add_argument("params", nargs="*", metavar="name=value", help="widget values")
+    args = parser.parse_args(argv)
+    params: dict[str, str] = {}
+    for item in args.params:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"widget values are name=value, not {item!r}")
+        params[name] = value
+    try:
+        namespace = run_notebook(args.notebook, params)
+    except (NotebookError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    seconds = sum(cell["seconds"] for cell in namespace["__cells__"])
+    print(f"{args.notebook}: {len(namespace['__cells__'])} cells ran in {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
