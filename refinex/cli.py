@@ -1,4 +1,4 @@
-"""The ``refinex`` command: one sub-command per registered stage, ``pipeline``, ``promote``, ``setup``.
+"""The ``refinex`` command: one sub-command per registered stage, ``pipeline``, ``sql``, ``setup``.
 
 The stage commands are built from the stage declarations (``refinex.spark.registry.STAGES``):
 their flags are the stages' parameters, so the CLI, ``jobs/`` and the bundle's tasks take
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence, 
 import typer
 
 from refinex.config import Config, ConfigError, load_config
+from refinex.errors import StageFailed
 from refinex.spark.jars import DeltaJarsError
 
 if TYPE_CHECKING:
@@ -135,6 +136,17 @@ def _workdir(cfg: Config, workdir: Optional[str]) -> str:
     return str(path)
 
 
+def _require_workdir(cfg: Config, workdir: Optional[str]) -> None:
+    """A stage that reads tables needs an existing local workdir: a missing one is a typo,
+    not a place to create (nor to create an empty MLflow store in)."""
+    from refinex.locations import is_local, local_path
+
+    chosen = workdir or cfg.workdir
+    if chosen and is_local(chosen) and not local_path(chosen).is_dir():
+        raise CliError(f"no workdir at {local_path(chosen)}: run `refinex ingest` or `refinex pipeline` there first, "
+                       "or check the path")
+
+
 def _context(cfg: Config, workdir: Optional[str], run_id: Optional[str]) -> Any:
     from refinex.spark.session import get_spark
     from refinex.spark.stage import context
@@ -160,7 +172,10 @@ def _stage_body(stage: "Stage") -> Callable[..., None]:
             from refinex.spark.stage import execute
 
             kwargs, configuring = _split(stage, dict(values))
-            ctx = _context(_config(config, set_, stage, configuring), workdir, run_id)
+            cfg = _config(config, set_, stage, configuring)
+            if stage.reads:
+                _require_workdir(cfg, workdir)
+            ctx = _context(cfg, workdir, run_id)
             stats = execute(stage, ctx, **kwargs)
             _print_json(stats)
             if stage.describe is not None:
@@ -181,7 +196,9 @@ def _refine_body(values: dict[str, Any], workdir: Optional[str], config: Optiona
         from refinex.spark.tables import TABLES
 
         only = values.pop("no_apply")
-        ctx = _context(_config(config, set_), workdir, run_id)
+        cfg = _config(config, set_)
+        _require_workdir(cfg, workdir)
+        ctx = _context(cfg, workdir, run_id)
         if only:
             _print_json(execute(get_stage("refine"), ctx, **values))
             return
@@ -199,6 +216,9 @@ def _run(action: Callable[[], T]) -> T:
         return action()
     except (CliError, ConfigError, DeltaJarsError, FileNotFoundError, ValueError, LookupError) as exc:
         typer.echo(f"refinex: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except StageFailed as exc:  # a failed gate: its whole summary, then exit 1
+        typer.echo(f"refinex: {exc}", err=True)
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - Spark errors: one readable line, then exit 1
         name = type(exc).__name__
@@ -259,30 +279,6 @@ def _register_commands() -> None:
             _command(stage.command, stage.help, stage.params, _refine_body, extra=(("no_apply", bool, no_apply),))
         else:
             _command(stage.command, stage.help, stage.params, _stage_body(stage))
-
-
-@app.command()
-def promote(
-    version: Annotated[int, typer.Option("--version", min=1, help="Registered version to promote.")],
-    workdir: WorkdirOpt = None,
-    alias: Annotated[
-        Optional[str], typer.Option("--alias", help="Alias to move (default: model.champion_alias, champion).")
-    ] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Point models:/refinex-refiner@champion at version N of the registry."""
-
-    def body() -> None:
-        from refinex.spark.train import promote as promote_version
-
-        cfg = _config(config, set_)
-        wd = _workdir(cfg, workdir)
-        result = promote_version(cfg, wd, version, alias)
-        _print_json(result)
-        typer.echo(f"{result['model_uri']} -> version {result['version']} (was {result['previous'] or 'unset'})")
-
-    _run(body)
 
 
 @app.command()

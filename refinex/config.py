@@ -274,6 +274,69 @@ class StagesConfig:
             raise ConfigError("stages.mlflow_experiment must not be empty")
 
 
+@dataclass(frozen=True)
+class QualityConfig:
+    """The Great Expectations gates of ``refinex validate`` (``refinex.quality``).
+
+    Share ceilings are fractions of one origin's documents. A gate at level ``error`` fails
+    the stage (and the job); the extreme-deletion check is a warning only.
+    """
+
+    enabled: bool = True  # the pipeline runs validate after each apply -> stats
+    max_fallback_share: float = 0.05  # status fallback_raw
+    max_dropped_share: float = 0.5  # status dropped
+    max_expert_failed_share: float = 0.05  # status expert_failed
+    max_no_program_share: float = 0.05  # status no_program
+    extreme_deletion_ratio: float = 0.95  # warning: status refined although this much was deleted
+    max_extreme_share: float = 0.1  # ... on more than this share of the documents
+    example_ids: int = 5  # offending ids shown per failed expectation
+    data_docs: bool = True  # build the Data Docs HTML site under <workdir>/reports/
+
+    def validate(self) -> None:
+        for name in ("max_fallback_share", "max_dropped_share", "max_expert_failed_share",
+                     "max_no_program_share", "extreme_deletion_ratio", "max_extreme_share"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"quality.{name} must be in [0, 1], got {value!r}")
+        if self.example_ids < 0:
+            raise ConfigError(f"quality.example_ids must be >= 0, got {self.example_ids!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``refinex evaluate``: scores against gold pages and against the expert."""
+
+    enabled: bool = True  # the pipeline evaluates each origin when the documents carry gold
+    gold: Optional[str] = None  # a pages file (id, source, gold); None: the documents' own gold
+    plots: bool = True  # PNGs under <workdir>/reports/ (and MLflow artifacts)
+    mlflow_experiment: str = "refinex-evaluate"
+
+    def validate(self) -> None:
+        if not self.mlflow_experiment:
+            raise ConfigError("evaluate.mlflow_experiment must not be empty")
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """Gates ``refinex promote`` checks before moving ``@champion`` (else ``@challenger``)."""
+
+    max_new_words: int = 0  # words in the refined text that are not in the raw text
+    max_invalid_share: float = 0.01  # documents whose program had parse errors or fell back
+    recall_margin: float = 0.05  # snippet recall >= the raw text's recall - this margin
+    require_better_f1: bool = True  # snippet F1 above the current champion's (when there is one)
+    challenger_alias: str = "challenger"
+
+    def validate(self) -> None:
+        if self.max_new_words < 0:
+            raise ConfigError(f"promote.max_new_words must be >= 0, got {self.max_new_words!r}")
+        for name in ("max_invalid_share", "recall_margin"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"promote.{name} must be in [0, 1], got {value!r}")
+        if not self.challenger_alias:
+            raise ConfigError("promote.challenger_alias must not be empty")
+
+
 def _validate_train(settings: Mapping[str, Any]) -> None:
     """``train`` holds :class:`refinex.model.train.TrainConfig` fields: keys and types checked."""
     from refinex.model.train import TrainConfig
@@ -311,11 +374,15 @@ class Config:
     refine: RefineConfig = field(default_factory=RefineConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def validate(self) -> "Config":
         for section in (
             self.spark, self.ingest, self.expert, self.guardrails, self.chunking, self.apply,
-            self.model, self.sft, self.refine, self.tables, self.stages,
+            self.model, self.sft, self.refine, self.tables, self.stages, self.quality, self.evaluate,
+            self.promote,
         ):
             section.validate()
         _validate_train(self.train)

@@ -87,3 +87,10 @@ __all__ = [
     "get_expert",
     "register_expert",
 ]
+
+
+def needs_html(expert: Any) -> bool:
+    """Whether ``expert`` fails on documents without page HTML (its ``needs_html``; experts
+    that do not say are taken to work on text)."""
+    return bool(getattr(expert, "needs_html", False))
+

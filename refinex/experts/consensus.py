@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import refinex.experts.rules  # noqa: F401 - registers the offline experts
-from refinex.experts import get_expert
+from refinex.experts import get_expert, needs_html
 from refinex.experts.base import FAILED, OK, Expert, ExpertInput, ExpertOutput
 from refinex.experts.llm import resolve_conf_path  # importing it registers "llm"
 from refinex.program.ops import Program, RemoveLines, RemoveStr
@@ -383,6 +383,8 @@ class ConsensusExpert:
         if min_voters > len(pairs):
             raise ValueError(f"min_voters={min_voters} but only {len(pairs)} members")
         self.members: tuple[tuple[Expert, float], ...] = tuple(pairs)
+        # Without HTML only the members that refine text can vote.
+        self.needs_html = all(needs_html(e) for e, _ in pairs)
         self.threshold = float(threshold)
         self.min_voters = min_voters
         self._distill = distiller or _default_distill

@@ -71,6 +71,7 @@ class TrafilaturaExpert:
     """
 
     name: str = NAME
+    needs_html: bool = True  # documents without HTML fail (expert_failed)
 
     def __init__(
         self,

@@ -390,6 +390,8 @@ class _DocPlan:
 class LLMExpert:
     """An ``Expert`` backed by an OpenAI-compatible ``/chat/completions`` endpoint."""
 
+    needs_html: bool = False  # refines the document text
+
     io_bound = True  # waits on the network: a consensus runs it alongside CPU-bound members
 
     def __init__(

@@ -94,6 +94,8 @@ class JustextExpert:
     largest share of the page's words.
     """
 
+    needs_html: bool = True
+
     def __init__(
         self,
         languages: Sequence[str] = ("English", "German"),
@@ -159,6 +161,8 @@ class JustextExpert:
 class ResiliparseExpert:
     """resiliparse's main-content plain-text extraction (``main_content=True``)."""
 
+    needs_html: bool = True
+
     def __init__(self, comments: bool = False, post_meta: bool = False, name: str = "resiliparse") -> None:
         self.comments = comments
         self.post_meta = post_meta
@@ -191,6 +195,8 @@ class ResiliparseExpert:
 class ReadabilityExpert:
     """The readability algorithm (trafilatura's port of readability-lxml): the best-scored
     content block of the page, rendered by ``refinex.text.html_to_text``."""
+
+    needs_html: bool = True
 
     def __init__(self, min_text_length: int = 25, name: str = "readability") -> None:
         self.min_text_length = min_text_length
@@ -243,6 +249,8 @@ class DomPruneExpert:
     page is rendered by ``refinex.text.html_to_text``, the same renderer as the raw text,
     so the output is a line-aligned deletion of it.
     """
+
+    needs_html: bool = True
 
     def __init__(self, max_share: float = 0.4, name: str = "dom_prune") -> None:
         if not 0.0 < max_share <= 1.0:
@@ -342,6 +350,8 @@ class LineRulesExpert:
     sentence punctuation at the end), the shape of menus and link lists. Blank lines are
     kept. Everything else is kept verbatim.
     """
+
+    needs_html: bool = False
 
     def __init__(
         self,

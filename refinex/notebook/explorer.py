@@ -8,67 +8,13 @@ from __future__ import annotations
 
 import html
 import re
-from bisect import insort
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-# --- deletions: which lines and spans a program deletes --------------------------------------
+# The deletion marks live with the evaluation metrics (refinex.evaluation.reliability), which
+# measure agreement with the same marks; they are re-exported here for the explorer's users.
+from refinex.evaluation.reliability import DeletionMarks, deletion_marks
 
-
-@dataclass(frozen=True)
-class DeletionMarks:
-    """What executing a program deletes from each line of ``raw.split("\\n")``.
-
-    ``removed``: line ids deleted whole (accepted ``remove_lines``); ``spans``: per line,
-    the sorted half-open character spans its accepted ``remove_str`` delete. ``status`` and
-    ``text`` are those of ``refinex.program.execute`` (``fallback_raw`` keeps the raw
-    text, ``dropped`` deletes all of it: the marks still say what the program asked for).
-    """
-
-    lines: tuple[str, ...]
-    removed: frozenset[int]
-    spans: Mapping[int, tuple[tuple[int, int], ...]]
-    status: str
-    text: str
-    rejected: tuple[str, ...]
-    parse_errors: tuple[str, ...]
-
-
-def deletion_marks(program_text: str, raw: str, guardrails: Any = None) -> DeletionMarks:
-    """The deletions of ``program_text`` on ``raw``, with the semantics of
-    ``refinex.program.execute`` (accepted ``remove_lines`` first, then ``remove_str`` on
-    the first free occurrence)."""
-    from refinex.program import Guardrails, RemoveLines, RemoveStr, execute, parse, render_op
-    from refinex.program.execute import find_free
-
-    program = parse(program_text or "")
-    result = execute(program, raw, guardrails or Guardrails())
-    lines = raw.split("\n")
-    n = len(lines)
-    removed: set[int] = set()
-    ranges: list[tuple[int, int]] = []
-    for op in program.ops:
-        if isinstance(op, RemoveLines) and 0 <= op.start <= op.end < n:
-            if not any(start <= op.end and op.start <= end for start, end in ranges):
-                ranges.append((op.start, op.end))
-                removed.update(range(op.start, op.end + 1))
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for op in program.ops:
-        if isinstance(op, RemoveStr) and 0 <= op.line < n and op.text and op.line not in removed:
-            line_spans = spans.setdefault(op.line, [])
-            position, _ = find_free(lines[op.line], op.text, line_spans)
-            if position is not None:
-                insort(line_spans, (position, position + len(op.text)))
-    return DeletionMarks(
-        lines=tuple(lines),
-        removed=frozenset(removed),
-        spans={k: tuple(v) for k, v in spans.items() if v},
-        status=result.status,
-        text=result.text,
-        rejected=tuple(f"{render_op(r.op)}: {r.reason}" for r in result.ops_rejected),
-        parse_errors=tuple(f"line {e.line_no}: {e.message}" for e in program.errors),
-    )
-
+__all__ = ["DeletionMarks", "deletion_marks", "render_explorer"]
 
 # --- the program explorer's HTML ------------------------------------------------------------
 

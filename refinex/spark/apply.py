@@ -20,8 +20,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
 
-from refinex.config import Config
 from refinex.locations import driver_path
+from refinex.status import NO_PROGRAM
+from refinex.versions import version_label
+from refinex.spark.origins import resolve_origin
 from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import (
     DOCUMENTS,
@@ -30,10 +32,8 @@ from refinex.spark.tables import (
     ORIGIN_DISTILLED,
     PROGRAMS,
     REFINED_DOCUMENTS,
-    STAGE_RUNS,
     TableResolver,
     read_table,
-    table_exists,
 )
 
 log = logging.getLogger(__name__)
@@ -50,77 +50,6 @@ APPLIED_SCHEMA = StructType([
     StructField("rejected_json", StringType()),
 ])
 _COLUMNS = [f.name for f in APPLIED_SCHEMA.fields]
-
-
-class OriginError(LookupError):
-    """No program origin could be determined."""
-
-
-def latest_applied_origin(spark: SparkSession, tables: "TableResolver | str") -> Optional[tuple[str, str]]:
-    """``(origin, origin_version)`` of the most recent ``apply`` run in ``stage_runs``."""
-    if not table_exists(spark, tables, STAGE_RUNS):
-        return None
-    row = (
-        read_table(spark, tables, STAGE_RUNS)
-        .where(F.col("stage") == STAGE)
-        .orderBy(F.col("ended_at").desc(), F.col("run_id").desc())
-        .select("params")
-        .first()
-    )
-    if row is None:
-        return None
-    params = json.loads(row["params"])
-    return str(params["origin"]), str(params["origin_version"])
-
-
-def default_origin_version(spark: SparkSession, config: Config, tables: "TableResolver | str", origin: str) -> str:
-    """The newest program version of ``origin`` (distilled: of the configured expert).
-
-    Without distilled programs yet, the configured expert's current version is used, so
-    every document still gets a row (``no_program`` / ``expert_failed``).
-    """
-    programs = read_table(spark, tables, PROGRAMS).where(F.col("origin") == origin)
-    if origin == ORIGIN_DISTILLED:
-        programs = programs.where(F.col("origin_version").startswith(f"{config.expert.name}:"))
-    row = (
-        programs.groupBy("origin_version")
-        .agg(F.max("created_at").alias("newest"))
-        .orderBy(F.col("newest").desc(), F.col("origin_version").desc())
-        .first()
-    )
-    if row is not None:
-        return str(row["origin_version"])
-    if origin == ORIGIN_DISTILLED:
-        from refinex.spark.expert import expert_version
-
-        return f"{config.expert.name}:{expert_version(config.expert.name, config.expert.options)}"
-    raise OriginError(f"no programs of origin {origin!r} in {tables}; pass an origin version")
-
-
-def resolve_origin(
-    spark: SparkSession,
-    config: Config,
-    tables: "TableResolver | str",
-    origin: Optional[str] = None,
-    origin_version: Optional[str] = None,
-    prefer_latest_apply: bool = False,
-) -> tuple[str, str]:
-    """The ``(origin, origin_version)`` to use.
-
-    Explicit arguments win, then ``apply.origin_version`` of the configuration; then, with
-    ``prefer_latest_apply`` (``stats``, ``export``), the origin of the latest ``apply`` run;
-    finally the newest programs of the origin (``default_origin_version``).
-    """
-    if origin_version is not None:
-        return origin or config.apply.origin, origin_version
-    if origin is None and config.apply.origin_version is not None:
-        return config.apply.origin, config.apply.origin_version
-    if prefer_latest_apply:
-        latest = latest_applied_origin(spark, tables)
-        if latest is not None and (origin is None or latest[0] == origin):
-            return latest
-    chosen = origin or config.apply.origin
-    return chosen, default_origin_version(spark, config, tables, chosen)
 
 
 def _apply_partition(max_error_ratio: float, min_kept_chars: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
@@ -244,14 +173,17 @@ def apply_programs(
 
 
 def export_frame(spark: SparkSession, tables: "TableResolver | str", origin: str, origin_version: str) -> DataFrame:
-    """One row per document: doc_id, text, refined_text, status (null when never applied)."""
+    """One row per document: doc_id, text, refined_text, status (``no_program`` for a
+    document this version never reached: every row has a status)."""
     refined = (
         read_table(spark, tables, REFINED_DOCUMENTS)
         .where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
         .select("doc_id", "refined_text", "status")
     )
     documents = read_table(spark, tables, DOCUMENTS).select("doc_id", "text")
-    return documents.join(refined, "doc_id", "left").select("doc_id", "text", "refined_text", "status")
+    return documents.join(refined, "doc_id", "left").select(
+        "doc_id", "text", "refined_text", F.coalesce(F.col("status"), F.lit(NO_PROGRAM)).alias("status")
+    )
 
 
 def _open_output(path: Path) -> IO[str]:
@@ -284,18 +216,20 @@ def export_documents(
         for row in frame.toLocalIterator(prefetchPartitions=True):
             record = {key: row[key] for key in ("doc_id", "text", "refined_text", "status")}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            key = row["status"] or "not_applied"
+            key = row["status"]
             counts[key] = counts.get(key, 0) + 1
             n += 1
     tmp.replace(path)
     ctx.record(origin=origin, origin_version=origin_version)
-    return {"output": str(path), "origin": origin, "origin_version": origin_version, "documents": n,
+    return {"output": str(path), "origin": origin, "origin_version": origin_version,
+            "version_label": version_label(origin_version), "documents": n,
             "by_status": dict(sorted(counts.items()))}
 
 
 ORIGIN_PARAMS = (
     Param("origin", "Program origin: distilled or model."),
-    Param("origin_version", "Program version, e.g. trafilatura:<expert version> (default: the newest)."),
+    Param("origin_version", "Program version: the full string or its label, e.g. trafilatura@4f778c "
+          "(default: the latest this workdir's runs produced)."),
 )
 
 APPLY = Stage(

@@ -190,6 +190,31 @@ def _usage_metrics(totals: Mapping[str, Any], processed: int) -> dict[str, float
     return metrics
 
 
+class ExpertInputMismatch(ValueError):
+    """The chosen expert cannot work on these documents (an HTML expert, no HTML)."""
+
+
+def check_input_fits_expert(expert: Any, documents: Any, n_documents: int) -> None:
+    """Refuse, before any work, an expert that needs page HTML on a corpus without any (plain
+    ``id, text``), naming the experts that work on text; warn when only some documents lack
+    HTML (those become ``expert_failed``)."""
+    from refinex.experts import needs_html
+
+    if not needs_html(expert):
+        return
+    without = documents.where(F.col("html").isNull() | (F.length(F.trim(F.col("html"))) == 0)).count()
+    if without == n_documents:
+        raise ExpertInputMismatch(
+            f"expert {expert.name} needs the page HTML, but none of the {n_documents} documents has any "
+            "(the input has no `html` field). Choose an expert that refines text: --expert llm (an "
+            "OpenAI-compatible endpoint: --expert-base-url URL --expert-model NAME), --expert line_rules "
+            "(line heuristics, offline), or a consensus whose members include one of them"
+        )
+    if without:
+        log.warning("expert %s needs the page HTML: %d of %d documents have none and will be expert_failed",
+                    expert.name, without, n_documents)
+
+
 def refine_with_expert(ctx: StageContext, force: bool = False) -> dict[str, Any]:
     """Refine the documents with the expert into ``expert_refinements``; returns statistics."""
     spark, config, workdir, run_id = ctx.spark, ctx.config, ctx.workdir, ctx.run_id
@@ -213,6 +238,8 @@ def refine_with_expert(ctx: StageContext, force: bool = False) -> dict[str, Any]
         todo = documents.join(done, "doc_id", "left_anti")
     n_documents = documents.count()
     n_todo = todo.count()
+    if n_todo:
+        check_input_fits_expert(built, documents, n_documents)
     counts: dict[str, int] = {"rows_inserted": 0, "rows_updated": 0, "cache_rows_inserted": 0,
                               "member_rows_inserted": 0, "member_rows_updated": 0}
     totals: dict[str, Any] = {}

@@ -17,6 +17,7 @@ from refinex.spark.apply import APPLY, EXPORT
 from refinex.spark.distill import DISTILL
 from refinex.spark.expert import EXPERT
 from refinex.spark.ingest import INGEST
+from refinex.spark.promote import PROMOTE
 from refinex.spark.refine import REFINE
 from refinex.spark.sft import SFT_PAIRS_STAGE
 from refinex.spark.stage import Stage, StageContext, execute
@@ -25,13 +26,14 @@ from refinex.spark.tables import ORIGIN_DISTILLED, ORIGIN_MODEL
 from refinex.spark.train import TRAIN
 
 STAGES: dict[str, Stage] = {
-    stage.name: stage for stage in (INGEST, EXPERT, DISTILL, APPLY, STATS, EXPORT, SFT_PAIRS_STAGE, TRAIN, REFINE)
+    stage.name: stage
+    for stage in (INGEST, EXPERT, DISTILL, APPLY, STATS, EXPORT, SFT_PAIRS_STAGE, TRAIN, REFINE, PROMOTE)
 }
 
 REGISTERED_MODEL = "registered_model"
 """Not a table: what ``train`` produces and ``refine`` consumes (the MLflow registry)."""
 _MAKES_MODEL = ("train",)
-_USES_MODEL = ("refine",)
+_USES_MODEL = ("refine", "promote")
 MODEL_RUN_SUFFIX = "+model"
 
 

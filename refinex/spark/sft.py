@@ -101,7 +101,7 @@ def cached_tokenizer(key: str, files: Mapping[str, bytes]) -> Any:
 def resolve_sft_version(spark: SparkSession, config: Config, tables: "TableResolver | str", origin_version: Optional[str] = None) -> str:
     """The distilled program version to build pairs from (argument, ``sft.origin_version``,
     else the newest distilled version of the configured expert)."""
-    from refinex.spark.apply import default_origin_version
+    from refinex.spark.origins import default_origin_version
 
     chosen = origin_version or config.sft.origin_version
     return chosen or default_origin_version(spark, config, tables, ORIGIN_DISTILLED)

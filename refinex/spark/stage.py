@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 from pyspark.sql import DataFrame, SparkSession
 
 from refinex.config import Config
+from refinex.errors import StageFailed
 from refinex.locations import driver_path
 from refinex.spark.tables import (
     TABLES,
@@ -232,7 +233,12 @@ def execute(stage: Stage, ctx: StageContext, **params: Any) -> dict[str, Any]:
     ctx = StageContext(ctx.spark, stage.configured(ctx.config, configuring), ctx.tables, ctx.workdir, ctx.run_id)
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    stats = dict(stage.transform(ctx, **kwargs))
+    failure: Optional[StageFailed] = None
+    try:
+        stats = dict(stage.transform(ctx, **kwargs))
+    except StageFailed as exc:
+        failure = exc
+        stats = {**exc.stats, "failed": True}
     for table in stage.writes:
         ensure_table(ctx.spark, ctx.tables, table)
     rows = {table: dict(ctx.rows.get(table, {"inserted": 0, "updated": 0})) for table in stage.writes}
@@ -246,6 +252,10 @@ def execute(stage: Stage, ctx: StageContext, **params: Any) -> dict[str, Any]:
     mlflow_run = _log_mlflow(ctx, stage, recorded, stats)
     if mlflow_run:
         stats["stage_mlflow_run_id"] = mlflow_run
+    if failure is not None:
+        log.error("%s failed (%.1fs)", stage.name, stats["seconds"])
+        failure.stats = stats
+        raise failure
     describe = stage.describe or _default_describe
     log.info("%s: %s (%.1fs)", stage.name, describe(stats), stats["seconds"])
     return stats

@@ -15,7 +15,8 @@ from typing import Any, Optional
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from refinex.spark.apply import ORIGIN_PARAMS, resolve_origin
+from refinex.spark.apply import ORIGIN_PARAMS
+from refinex.spark.origins import resolve_origin
 from refinex.spark.stage import Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, EDIT_STATS, EXEC_STATS_FIELDS, REFINED_DOCUMENTS, TableResolver, read_table
 

@@ -44,6 +44,8 @@ EDIT_STATS = "edit_stats"
 STAGE_RUNS = "stage_runs"
 SFT_PAIRS = "sft_pairs"
 MODEL_OUTPUTS = "model_outputs"
+GATE_FAILURES = "gate_failures"
+EVALUATIONS = "evaluations"
 
 _CACHE_TYPES: dict[str, DataType] = {"string": StringType(), "bigint": LongType(), "timestamp": TimestampType()}
 
@@ -209,6 +211,34 @@ TABLES: dict[str, TableSpec] = {
             _f("ops_out_of_chunk", I), _f("invalid_chunks", I), _f("created_at", T),
         ]),
         keys=("doc_id", "origin_version"), bookkeeping=("run_id", "created_at"),
+    ),
+    # One row per offending row of a failed (or warning) expectation of `refinex validate`
+    # (doc_id null for whole-table expectations such as the row count or a status share).
+    GATE_FAILURES: TableSpec(
+        GATE_FAILURES,
+        StructType([
+            _f("run_id", S, False), _f("table_name", S, False), _f("origin", S, False),
+            _f("origin_version", S, False), _f("expectation", S, False), _f("doc_id", S),
+            _f("severity", S, False), _f("observed", S), _f("threshold", S), _f("created_at", T),
+        ]),
+        keys=("run_id", "table_name", "origin", "origin_version", "expectation", "doc_id"),
+        bookkeeping=("created_at",),
+    ),
+    # One row per `refinex evaluate` run x origin version x scope ("all" or one source).
+    EVALUATIONS: TableSpec(
+        EVALUATIONS,
+        StructType([
+            _f("run_id", S, False), _f("origin", S, False), _f("origin_version", S, False),
+            _f("scope", S, False), _f("model_name", S), _f("model_version", S), _f("documents", L),
+            _f("gold_pages", L), _f("snippet_precision", D), _f("snippet_recall", D), _f("snippet_f1", D),
+            _f("snippet_accuracy", D), _f("bow_pages", L), _f("bow_precision", D), _f("bow_recall", D),
+            _f("bow_f1", D), _f("raw_snippet_recall", D), _f("raw_snippet_f1", D), _f("raw_bow_f1", D),
+            _f("deletion_precision", D), _f("deletion_recall", D), _f("deletion_f1", D),
+            _f("new_words", L), _f("untouched_share", D), _f("emptied_share", D), _f("fallback_share", D),
+            _f("invalid_share", D), _f("deletion_ratio_mean", D), _f("deletion_ratio_p50", D),
+            _f("deletion_ratio_p90", D), _f("created_at", T),
+        ]),
+        keys=("run_id", "origin", "origin_version", "scope"), bookkeeping=("created_at",),
     ),
     STAGE_RUNS: TableSpec(
         STAGE_RUNS,

@@ -9,9 +9,8 @@ it; training settings are the base's defaults overridden by the ``train`` sectio
 The run is logged to MLflow (``refinex.tracking.log_training_run``: params, loss curve,
 validation loss, the model) with the training data version ``sft_pairs@<Delta version>``,
 plus program-level validation metrics from generation on ``model.eval_chunks`` validation
-chunks, and registered as ``model.registered_name`` (``refinex-refiner``). The first version
-ever registered also gets the ``@champion`` alias; later versions are promoted explicitly
-(:func:`promote`, ``refinex promote --version N``).
+chunks, and registered as ``model.registered_name`` (``refinex-refiner``). No alias is set
+here: ``@champion`` moves only through the gated ``promote`` stage, after evaluation.
 
 Training is skipped when a registered version was trained on the same pairs, base and
 settings (its ``train_fingerprint`` tag), so rerunning the pipeline reuses the model.
@@ -79,7 +78,7 @@ def models_dir(workdir: str) -> Path:
     return local / "models" if local is not None else Path(tempfile.gettempdir()) / "refinex-models"
 
 
-def _client(uri: str, registry_uri: Optional[str] = None) -> Any:
+def registry_client(uri: str, registry_uri: Optional[str] = None) -> Any:
     """An MLflow client of the tracking ``uri`` and ``registry_uri`` (``model.registry_uri``;
     None: the tracking URI)."""
     from mlflow import MlflowClient
@@ -103,32 +102,11 @@ def find_version(uri: str, name: str, fingerprint_value: str, registry_uri: Opti
     import mlflow
 
     try:
-        versions = _client(uri, registry_uri).search_model_versions(f"name='{name}'")
+        versions = registry_client(uri, registry_uri).search_model_versions(f"name='{name}'")
     except mlflow.exceptions.MlflowException:
         return None
     matching = [int(v.version) for v in versions if v.tags.get(FINGERPRINT_TAG) == fingerprint_value]
     return str(max(matching)) if matching else None
-
-
-def promote(config: Config, workdir: str, version: str | int, alias: Optional[str] = None) -> dict[str, Any]:
-    """Point ``models:/<registered name>@<alias>`` (default ``champion``) at ``version``."""
-    import mlflow
-
-    uri = tracking_uri_for(config, workdir)
-    name, chosen = config.model.registered_name, alias or config.model.champion_alias
-    client = _client(uri, config.model.registry_uri)
-    try:
-        client.get_model_version(name, str(version))
-    except mlflow.exceptions.MlflowException as exc:
-        raise LookupError(f"no version {version} of {name} in {uri}: {str(exc).splitlines()[0]}") from None
-    previous = None
-    try:
-        previous = str(client.get_model_version_by_alias(name, chosen).version)
-    except mlflow.exceptions.MlflowException:
-        pass
-    client.set_registered_model_alias(name, chosen, str(version))
-    return {"model": name, "alias": chosen, "version": str(version), "previous": previous,
-            "model_uri": f"models:/{name}@{chosen}", "tracking_uri": uri}
 
 
 def _eval_examples(spark: SparkSession, tables: "TableResolver | str", rows: Sequence[Any], limit: int) -> list[Any]:
@@ -186,7 +164,7 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
     from refinex.model.bases import read_base_info
     from refinex.model.train import TrainConfig, train
     from refinex.spark.sft import prepare_sft_base, tokenizer_id
-    from refinex.tracking import get_alias_version, log_training_run, set_alias
+    from refinex.tracking import get_alias_version, log_training_run
 
     spark, config, workdir, run_id = ctx.spark, ctx.config, ctx.workdir, ctx.run_id
     data_version = ctx.version(SFT_PAIRS)
@@ -244,7 +222,7 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
             )
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
-        client = _client(uri, registry_uri)
+        client = registry_client(uri, registry_uri)
         for key, value in val_metrics.items():
             client.log_metric(logged.run_id, key, value, step=result.steps)
         assert logged.version is not None
@@ -260,25 +238,20 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
             validation_loss=result.validation_loss, train_seconds=round(result.seconds, 1),
             device=result.device, **val_metrics,
         )
-    alias = config.model.champion_alias
-    champion = get_alias_version(name, alias, tracking_uri=uri, registry_uri=registry_uri)
-    if champion is None:
-        set_alias(name, alias, stats["version"], tracking_uri=uri, registry_uri=registry_uri)
-        champion = stats["version"]
-    stats["champion_version"] = champion
+    stats["champion_version"] = get_alias_version(name, config.model.champion_alias, tracking_uri=uri,
+                                                  registry_uri=registry_uri)
     ctx.record(base=base_name, force=force, train=settings, tracking_uri=uri)
     return stats
 
 
 TRAIN = Stage(
     name=STAGE,
-    help="Fine-tune the refine model on sft_pairs, log it to MLflow and register it (the first version "
-    "becomes @champion).",
+    help="Fine-tune the refine model on sft_pairs, log it to MLflow and register it (promote moves @champion).",
     reads=(SFT_PAIRS, DOCUMENTS, PROGRAMS),
     writes=(),
     transform=train_model,
     params=(BASE_PARAM, Param("force", "Train even if a registered version has the same pairs and settings.",
                               kind="bool", default=False)),
     resources="gpu",
-    describe=lambda s: f"{s['model_uri']} (champion: version {s['champion_version']})",
+    describe=lambda s: f"{s['model_uri']} (champion: {'version ' + s['champion_version'] if s['champion_version'] else 'none'})",
 )

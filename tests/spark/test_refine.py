@@ -96,6 +96,8 @@ def trained(spark: SparkSession, spark_config: Config, tmp_path_factory: pytest.
         _seed(spark, workdir)
         sft = run_stage("sft_pairs", spark, spark_config, workdir)
         train = run_stage("train", spark, spark_config, workdir)
+        promoted = run_stage("promote", spark, spark_config, workdir, version=1, force=True, reason="test fixture")
+        assert promoted["decision"] == "champion" and promoted["forced"]
     return {"workdir": workdir, "sft": sft, "train": train}
 
 
@@ -169,7 +171,8 @@ def test_train_registers_and_reuses(spark: SparkSession, spark_config: Config, t
     from refinex.spark.train import tracking_uri_for
 
     train = trained["train"]
-    assert (train["model_uri"], train["champion_version"], train["reused"]) == ("models:/refinex-refiner/1", "1", False)
+    # train registers; only the gated promote moves @champion
+    assert (train["model_uri"], train["champion_version"], train["reused"]) == ("models:/refinex-refiner/1", None, False)
     assert train["steps"] == 3 and train["train_data_version"] == "sft_pairs@1"
     assert train["validation_loss"] < train["initial_validation_loss"]
     assert 0.0 <= train["val_line_f1"] <= 1.0 and train["val_chunks"] > 0
@@ -296,17 +299,28 @@ def test_cli_sft_train_refine_promote(spark: SparkSession, workdir: str) -> None
     for command in (["sft-pairs"], ["train"]):
         result = runner.invoke(app, [*command, *common], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-    assert "train: models:/refinex-refiner/1 (champion: version 1)" in result.output
-    result = runner.invoke(app, ["refine", "--model", "models:/refinex-refiner@champion", "--limit", "3", *common],
+    assert "train: models:/refinex-refiner/1 (champion: none)" in result.output
+    result = runner.invoke(app, ["refine", "--model", "models:/refinex-refiner/1", "--limit", "3", *common],
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["refine"]["processed"] == 3 and payload["stats"]["origin_version"] == "refinex-refiner/1"
     assert payload["apply"]["documents"] == len(DOCS)  # apply covers every document (no_program without one)
+    # Never evaluated: the gates refuse it, it becomes @challenger and the CLI says why.
     result = runner.invoke(app, ["promote", "--version", "1", *common], catch_exceptions=False)
-    assert result.exit_code == 0 and "models:/refinex-refiner@champion -> version 1 (was 1)" in result.output
+    assert result.exit_code == 0, result.output
+    assert "refinex-refiner version 1 -> @challenger (not champion)" in result.output
+    assert "FAIL  evaluated" in result.output
+    result = runner.invoke(app, ["promote", "--version", "1", "--force", *common])
+    assert result.exit_code == 1 and "--force needs --reason" in result.output
+    result = runner.invoke(app, ["promote", "--version", "1", "--force", "--reason", "smoke test", *common],
+                           catch_exceptions=False)
+    assert result.exit_code == 0 and "-> @champion: forced: smoke test" in result.output
     result = runner.invoke(app, ["promote", "--version", "7", *common])
     assert result.exit_code == 1 and "no version 7" in result.output
+    result = runner.invoke(app, ["promote", "--version", "1", "--workdir", workdir + "-typo", "--config", "test"])
+    assert result.exit_code == 1 and "no workdir at" in result.output
+    assert not Path(workdir + "-typo").exists()
 
 
 @pytest.mark.parametrize("command", ["sft-pairs", "train", "refine", "promote"])

@@ -65,6 +65,17 @@ def test_expert_stage_refines_and_skips_done(spark: SparkSession, spark_config: 
     assert read_table(spark, workdir, "expert_refinements").count() == 2
 
 
+def test_expert_stage_refuses_an_html_expert_on_text_only_documents(
+    spark: SparkSession, spark_config: Config, workdir: str
+) -> None:
+    merge_into(spark, workdir, "documents", _documents(spark, [("a", "plain text one", None), ("b", "two", None)]))
+    with pytest.raises(ValueError, match=r"expert trafilatura needs the page HTML.*none of the 2 documents.*--expert llm"):
+        run_stage("expert", spark, spark_config, workdir)
+    assert read_table(spark, workdir, "expert_refinements").count() == 0  # refused before any work
+    stats = run_stage("expert", spark, spark_config.with_overrides({"expert.name": "line_rules"}), workdir)
+    assert (stats["processed"], stats["failed"]) == (2, 0)
+
+
 def test_distill_stage_matches_the_pure_distiller(spark: SparkSession, spark_config: Config, workdir: str) -> None:
     raw = "Menu\nTitle\nBody text here. Share this\nFooter"
     refined = "Title\nBody text here."

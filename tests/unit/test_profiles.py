@@ -272,21 +272,25 @@ def test_fluent_registry_uri_is_set_and_restored(tmp_path: Path, monkeypatch: py
     assert "MLFLOW_REGISTRY_URI" not in __import__("os").environ
 
 
-def test_train_promote_uses_model_registry_uri(recorder: type[_Recorder], tmp_path: Path) -> None:
-    from refinex.spark.train import _client, promote
+def test_registry_client_and_promote_registry_use_model_registry_uri(recorder: type[_Recorder], tmp_path: Path) -> None:
+    from refinex.spark.promote import RegistryMissing, registry_of
+    from refinex.spark.train import registry_client
 
     tracking, registry = f"sqlite:///{tmp_path / 'runs.db'}", f"sqlite:///{tmp_path / 'registry.db'}"
-    config = load_config("test", [f"model.tracking_uri={tracking}", f"model.registry_uri={registry}"])
-    result = promote(config, str(tmp_path), 3)
-    assert result["version"] == "3" and result["previous"] == "2"
+    registry_client(tracking, registry)
     assert recorder.made == [(tracking, registry)]
-    _client(tracking)
+    registry_client(tracking)
     assert recorder.made[-1] == (tracking, tracking)  # no registry_uri: the tracking URI
-    # the default profile: sqlite under the (local) workdir for both
-    recorder.made.clear()
-    promote(load_config("test"), str(tmp_path), 1)
-    local = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
-    assert recorder.made == [(local, local)]
+    config = load_config("test", [f"model.tracking_uri={tracking}", f"model.registry_uri={registry}"])
+    # promote never creates a store: a missing sqlite file is an error naming it
+    with pytest.raises(RegistryMissing, match="runs.db"):
+        registry_of(config, str(tmp_path))
+    (tmp_path / "runs.db").touch()
+    (tmp_path / "registry.db").touch()
+    assert registry_of(config, str(tmp_path)) == (tracking, registry)
+    with pytest.raises(RegistryMissing, match="is --workdir .*typo"):
+        registry_of(load_config("test"), str(tmp_path / "typo"))
+    assert not (tmp_path / "typo").exists()
 
 
 def test_refine_resolves_registry_models_in_the_registry_uri(

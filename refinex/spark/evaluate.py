@@ -1,0 +1,446 @@
+"""Stage ``evaluate``: one program origin's results, scored -> ``evaluations`` (+ MLflow).
+
+For one ``(origin, origin_version)`` (default: the latest ``apply`` run's) and every
+document, the workers compute (``refinex.evaluation.summary.document_counts``):
+
+- snippet and bag-of-words counts of ``refined_text`` against the page's gold (the
+  documents' ``metadata.gold``, or a pages file: ``--gold`` / ``evaluate.gold``), and of the
+  raw text as the baseline; a missing ``refined_text`` scores as an empty output;
+- deleted-character counts of the origin and of the distilled expert (its newest version)
+  on the same raw text, for deletion precision/recall/F1 (not for ``distilled`` itself);
+- new words and the reliability flags (untouched, emptied, fallback, invalid).
+
+Counts are summed in Spark per scope (``all`` and each source), with the deletion-ratio
+mean and quantiles (``edit_stats`` when the ``stats`` stage ran for the version, else the
+same figures of ``refined_documents.exec_stats``); only those few rows reach the driver,
+which turns them into ``evaluations`` rows (``scope_metrics``). Without gold the non-gold
+figures are still written (``gold_pages`` 0, score columns null).
+
+The run is recorded in MLflow (experiment ``evaluate.mlflow_experiment``: params, metrics
+named like the ``evaluations`` columns, ``<source>.<metric>`` per source, the plots as
+artifacts); for a registry model version (``<registered name>/<N>``) the scope-``all``
+figures are also set as ``refinex.eval.<metric>`` tags on that version, which gated
+promotion reads. MLflow being unreachable is a warning, never a failure.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
+
+from refinex.evaluation.summary import COUNT_COLUMNS, METRIC_COLUMNS, scope_metrics
+from refinex.locations import is_local, local_path, spark_location
+from refinex.spark.apply import ORIGIN_PARAMS
+from refinex.spark.origins import newest_program_version, resolve_origin
+from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.tables import (
+    DOCUMENTS,
+    EDIT_STATS,
+    EVALUATIONS,
+    ORIGIN_DISTILLED,
+    ORIGIN_MODEL,
+    PROGRAMS,
+    REFINED_DOCUMENTS,
+    TABLES,
+)
+from refinex.status import NO_PROGRAM
+from refinex.versions import version_label
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+SCOPE_ALL = "all"
+UNKNOWN_SOURCE = "unknown"
+RATIO_BINS = 20
+TAG_PREFIX = "refinex.eval."
+GOLD_FROM_DOCUMENTS = "documents"
+
+_PASSED_THROUGH = (
+    StructField("deletion_ratio", DoubleType()),
+    StructField("ops_total", IntegerType()),
+    StructField("n_remove_lines", IntegerType()),
+    StructField("n_remove_str", IntegerType()),
+)
+DOCUMENT_SCHEMA = StructType([
+    StructField("doc_id", StringType(), False),
+    StructField("source", StringType(), False),
+    *[StructField(name, LongType(), False) for name in COUNT_COLUMNS],
+    StructField("expert_deletion_ratio", DoubleType()),
+    *_PASSED_THROUGH,
+])
+"""One evaluated document: its counts, plus what the plots and quantiles need."""
+
+_MODEL_VERSION = re.compile(r"^(?P<name>[^/@+\[:]+)/(?P<version>[0-9]+)(?=$|[+:\[])")
+
+
+def registry_version(origin: str, origin_version: str) -> Optional[tuple[str, str]]:
+    """``(registered name, version number)`` of a model origin's ``<name>/<N>[suffix]``."""
+    if origin != ORIGIN_MODEL:
+        return None
+    match = _MODEL_VERSION.match(origin_version)
+    return (match["name"], match["version"]) if match else None
+
+
+# --- per document (workers) -------------------------------------------------------------------
+
+
+def _evaluate_partition(max_error_ratio: float, min_kept_chars: int) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The ``mapInPandas`` function: one joined row per document -> ``DOCUMENT_SCHEMA``."""
+
+    def run(batches: Iterator[Any]) -> Iterator[Any]:
+        import pandas as pd
+
+        from refinex.evaluation.summary import document_counts, parse_gold
+        from refinex.program import Guardrails
+
+        guardrails = Guardrails(max_error_ratio=max_error_ratio, min_kept_chars=min_kept_chars)
+
+        def value(x: Any) -> Any:
+            return None if x is None or (isinstance(x, float) and x != x) or x is pd.NA else x
+
+        for batch in batches:
+            rows = []
+            for record in batch.to_dict("records"):
+                raw = record["text"]
+                parse_errors = value(record["parse_errors"])
+                counts = document_counts(
+                    raw, value(record["refined_text"]), record["status"],
+                    None if parse_errors is None else int(parse_errors),
+                    value(record["program"]), value(record["expert_program"]),
+                    parse_gold(value(record["gold"])), guardrails,
+                )
+                expert_ratio = counts["expert_deleted"] / len(raw) if counts["compared"] and raw else None
+                rows.append({"doc_id": record["doc_id"], "source": record["source"], **counts,
+                             "expert_deletion_ratio": expert_ratio,
+                             **{f.name: value(record[f.name]) for f in _PASSED_THROUGH}})
+            frame = pd.DataFrame.from_records(rows, columns=DOCUMENT_SCHEMA.fieldNames())
+            for name in COUNT_COLUMNS:
+                frame[name] = frame[name].astype("int64")
+            for field in (DOCUMENT_SCHEMA["expert_deletion_ratio"], *_PASSED_THROUGH):
+                frame[field.name] = frame[field.name].astype("Float64" if field.dataType == DoubleType() else "Int64")
+            yield frame
+
+    return run
+
+
+# --- inputs (driver: a plan, nothing collected) -----------------------------------------------
+
+
+def gold_frame(ctx: StageContext, gold: Optional[str]) -> DataFrame:
+    """``doc_id, gold`` (gold as JSON text): a pages file's ``id``/``gold``, else the
+    documents' ``metadata.gold``."""
+    if gold is None:
+        return ctx.read(DOCUMENTS).select("doc_id", F.get_json_object("metadata", "$.gold").alias("gold"))
+    if is_local(gold) and not local_path(gold).is_file():
+        raise FileNotFoundError(f"gold pages file {gold} does not exist")
+    # A string field keeps a JSON object as its JSON text; the html is never materialised.
+    pages = ctx.spark.read.schema("id string, gold string").json(spark_location(gold))
+    return pages.where(F.col("gold").isNotNull()).select(F.col("id").alias("doc_id"), "gold").dropDuplicates(["doc_id"])
+
+
+def _version(df: DataFrame, origin: str, origin_version: str) -> DataFrame:
+    return df.where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
+
+
+def document_frame(
+    ctx: StageContext, origin: str, origin_version: str, expert_version: Optional[str], gold: Optional[str]
+) -> DataFrame:
+    """Every document with this version's result and program, the expert's program and gold."""
+    documents = ctx.read(DOCUMENTS).select(
+        "doc_id", F.coalesce(F.col("source"), F.lit(UNKNOWN_SOURCE)).alias("source"), "text"
+    )
+    refined = _version(ctx.read(REFINED_DOCUMENTS), origin, origin_version).select(
+        "doc_id", "refined_text", "status", *[F.col(f"exec_stats.{name}").alias(f"exec_{name}") for name in
+                                              ("parse_errors", "deletion_ratio", "ops_total", "n_remove_lines",
+                                               "n_remove_str")]
+    )
+    edit = _version(ctx.read(EDIT_STATS), origin, origin_version).select(
+        "doc_id", *[F.col(f.name).alias(f"edit_{f.name}") for f in _PASSED_THROUGH]
+    )
+    programs = _version(ctx.read(PROGRAMS), origin, origin_version).select("doc_id", "program")
+    joined = (documents.join(refined, "doc_id", "left").join(edit, "doc_id", "left")
+              .join(programs, "doc_id", "left").join(gold_frame(ctx, gold), "doc_id", "left"))
+    if expert_version is not None:
+        expert = _version(ctx.read(PROGRAMS), ORIGIN_DISTILLED, expert_version).select(
+            "doc_id", F.col("program").alias("expert_program"))
+        joined = joined.join(expert, "doc_id", "left")
+    else:
+        joined = joined.withColumn("expert_program", F.lit(None).cast("string"))
+    measured = {f.name: F.coalesce(F.col(f"edit_{f.name}"), F.col(f"exec_{f.name}")).alias(f.name)
+                for f in _PASSED_THROUGH}
+    return joined.select(
+        "doc_id", "source", "text", "refined_text", F.coalesce(F.col("status"), F.lit(NO_PROGRAM)).alias("status"),
+        F.col("exec_parse_errors").alias("parse_errors"), "program", "expert_program", "gold", *measured.values(),
+    )
+
+
+# --- aggregation --------------------------------------------------------------------------------
+
+
+def _ratio_bin(column: str) -> Any:
+    return F.least(F.floor(F.col(column) * RATIO_BINS), F.lit(RATIO_BINS - 1)).cast("int")
+
+
+def _operation_bucket(column: str) -> Any:
+    from refinex.evaluation.plots import OPERATION_BUCKETS
+
+    expr = F.lit(None).cast("int")
+    for index, (low, high) in reversed(list(enumerate(OPERATION_BUCKETS))):
+        expr = F.when(F.col(column).between(low, high), F.lit(index)).otherwise(expr)
+    return expr
+
+
+def scope_totals(per_document: DataFrame) -> dict[str, dict[str, Any]]:
+    """Summed counts, deletion-ratio mean and p50/p90 (``percentile_approx``) per scope."""
+    scoped = per_document.withColumn("scope", F.explode(F.array(F.lit(SCOPE_ALL), F.col("source"))))
+    quantiles = F.percentile_approx("deletion_ratio", [0.5, 0.9])
+    rows = scoped.groupBy("scope").agg(
+        *[F.sum(name).alias(name) for name in COUNT_COLUMNS],
+        F.avg("deletion_ratio").alias("deletion_ratio_mean"),
+        quantiles.alias("quantiles"),
+    ).collect()
+    totals: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        values = row.asDict()
+        q = values.pop("quantiles") or [None, None]
+        values["deletion_ratio_p50"], values["deletion_ratio_p90"] = q[0], q[1]
+        totals[values.pop("scope")] = values
+    return totals
+
+
+def histograms(per_document: DataFrame) -> dict[str, Any]:
+    """Bin counts of every document (one Spark job): deletion ratios of this origin and of
+    the expert, and operations per document by kind."""
+    from refinex.evaluation.plots import OPERATION_BUCKETS
+
+    binned = per_document.select(
+        _ratio_bin("deletion_ratio").alias("ratio_bin"), _ratio_bin("expert_deletion_ratio").alias("expert_bin"),
+        *[_operation_bucket(kind).alias(f"{kind}_bucket") for kind in ("ops_total", "n_remove_lines", "n_remove_str")],
+    )
+    aggregates = []
+    for column, n in (("ratio_bin", RATIO_BINS), ("expert_bin", RATIO_BINS),
+                      *((f"{kind}_bucket", len(OPERATION_BUCKETS)) for kind in ("ops_total", "n_remove_lines",
+                                                                                 "n_remove_str"))):
+        aggregates.extend(F.sum(F.when(F.col(column) == i, 1).otherwise(0)).alias(f"{column}_{i}") for i in range(n))
+    row = binned.agg(*aggregates).first()
+    assert row is not None
+
+    def counts(column: str, n: int) -> list[int]:
+        return [int(row[f"{column}_{i}"] or 0) for i in range(n)]
+
+    n_buckets = len(OPERATION_BUCKETS)
+    return {
+        "deletion_ratio": counts("ratio_bin", RATIO_BINS),
+        "expert_deletion_ratio": counts("expert_bin", RATIO_BINS),
+        "operations": {"all operations": counts("ops_total_bucket", n_buckets),
+                       "remove_lines": counts("n_remove_lines_bucket", n_buckets),
+                       "remove_str": counts("n_remove_str_bucket", n_buckets)},
+    }
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+
+def plot_dir(ctx: StageContext, origin: str, origin_version: str) -> Optional[Path]:
+    """``<workdir>/reports/evaluation/<origin>-<label>/`` on the driver (None on object stores)."""
+    local = ctx.driver_dir
+    if local is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{origin}-{version_label(origin_version)}")
+    return local / "reports" / "evaluation" / safe
+
+
+def write_plots(
+    ctx: StageContext, origin: str, origin_version: str, per_document: DataFrame, rows: list[dict[str, Any]],
+    compared: bool,
+) -> list[str]:
+    """The three PNGs (deletion ratios, operations per document, scores per source)."""
+    folder = plot_dir(ctx, origin, origin_version)
+    if folder is None:
+        log.info("evaluate: no plots for the remote workdir %s", ctx.workdir)
+        return []
+    from refinex.evaluation.plots import plot_deletion_ratios, plot_operations, plot_scores_by_source
+
+    bins = histograms(per_document)
+    title = f"{origin} {version_label(origin_version)} ({origin_version})"
+    return [str(path) for path in (
+        plot_deletion_ratios(bins["deletion_ratio"], folder / "deletion_ratio.png", title,
+                             bins["expert_deletion_ratio"] if compared else None),
+        plot_operations(bins["operations"], folder / "operations.png", title),
+        plot_scores_by_source(rows, folder / "scores_by_source.png", title),
+    )]
+
+
+def _metric_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\- /]+", "_", name)
+
+
+def mlflow_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Scope ``all`` as ``<column>``, every source as ``<source>.<column>`` (null figures left out)."""
+    metrics: dict[str, float] = {}
+    for row in rows:
+        prefix = "" if row["scope"] == SCOPE_ALL else f"{_metric_name(row['scope'])}."
+        metrics.update({f"{prefix}{name}": float(row[name]) for name in METRIC_COLUMNS if row[name] is not None})
+    return metrics
+
+
+def record_in_mlflow(
+    ctx: StageContext, origin: str, origin_version: str, rows: list[dict[str, Any]], plots: list[str],
+    params: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Log the evaluation run and tag the model version; ``{}`` (and a warning) when MLflow
+    cannot be reached, so that a finished evaluation is never lost to tracking."""
+    try:
+        return _record_in_mlflow(ctx, origin, origin_version, rows, plots, params)
+    except Exception as exc:  # noqa: BLE001 - tracking must never fail a finished evaluation
+        log.warning("evaluate: could not record in MLflow: %s", (str(exc).splitlines() or [type(exc).__name__])[0])
+        return {}
+
+
+def _record_in_mlflow(
+    ctx: StageContext, origin: str, origin_version: str, rows: list[dict[str, Any]], plots: list[str],
+    params: Mapping[str, Any],
+) -> dict[str, Any]:
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.entities import Param as MlflowParam
+
+    from refinex.spark.train import registry_client, tracking_uri_for
+    from refinex.tracking.mlflow_utils import artifact_root, experiment_id_for, safe_params
+
+    config = ctx.config
+    uri = tracking_uri_for(config, ctx.workdir)
+    client = registry_client(uri, config.model.registry_uri)
+    experiment_id = experiment_id_for(client, config.evaluate.mlflow_experiment,
+                                      artifact_root(uri, ctx.driver_dir))
+    label = version_label(origin_version)
+    run = client.create_run(experiment_id, run_name=f"evaluate {origin} {label}",
+                            tags={"refinex.stage": STAGE, "refinex.run_id": ctx.run_id, "refinex.origin": origin})
+    mlflow_run_id = str(run.info.run_id)
+    try:
+        now = int(time.time() * 1000)
+        logged = safe_params({**params, "origin": origin, "origin_version": origin_version, "version_label": label})
+        metrics = mlflow_metrics(rows)
+        client.log_batch(mlflow_run_id, params=[MlflowParam(k, v) for k, v in sorted(logged.items())],
+                         synchronous=True)
+        items = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
+        for start in range(0, len(items), 1000):
+            client.log_batch(mlflow_run_id, metrics=items[start:start + 1000], synchronous=True)
+        for plot in plots:
+            client.log_artifact(mlflow_run_id, plot, artifact_path="plots")
+    except BaseException:
+        client.set_terminated(mlflow_run_id, "FAILED")
+        raise
+    client.set_terminated(mlflow_run_id, "FINISHED")
+    recorded: dict[str, Any] = {"mlflow_run_id": mlflow_run_id}
+    registered = registry_version(origin, origin_version)
+    if registered is not None and registered[0] == config.model.registered_name:
+        name, number = registered
+        overall = next(row for row in rows if row["scope"] == SCOPE_ALL)
+        tags = {f"{TAG_PREFIX}{metric}": repr(float(overall[metric])) for metric in METRIC_COLUMNS
+                if overall[metric] is not None}
+        tags.update({f"{TAG_PREFIX}run_id": ctx.run_id, f"{TAG_PREFIX}origin_version": origin_version,
+                     f"{TAG_PREFIX}mlflow_run_id": mlflow_run_id})
+        for key, tag_value in sorted(tags.items()):
+            client.set_model_version_tag(name, number, key, tag_value)
+        recorded["model_version_tagged"] = f"{name}/{number}"
+    return recorded
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def evaluate_outputs(
+    ctx: StageContext, origin: Optional[str] = None, origin_version: Optional[str] = None, gold: Optional[str] = None,
+) -> dict[str, Any]:
+    """Score one origin version's results into ``evaluations`` (see the module docstring)."""
+    config = ctx.config
+    origin, origin_version = resolve_origin(ctx.spark, config, ctx.tables, origin, origin_version,
+                                            prefer_latest_apply=True)
+    if _version(ctx.read(REFINED_DOCUMENTS), origin, origin_version).limit(1).count() == 0:
+        raise LookupError(f"no refined_documents of {origin} {origin_version}: run apply for it first")
+    gold = gold or config.evaluate.gold
+    expert_version = None if origin == ORIGIN_DISTILLED else newest_program_version(
+        ctx.spark, ctx.tables, ORIGIN_DISTILLED)
+    g = config.guardrails
+    per_document = (
+        document_frame(ctx, origin, origin_version, expert_version, gold)
+        .repartition(config.spark.partitions, "doc_id")
+        .mapInPandas(_evaluate_partition(float(g.max_error_ratio), int(g.min_kept_chars)), DOCUMENT_SCHEMA)
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    try:
+        totals = scope_totals(per_document)
+        model = registry_version(origin, origin_version)
+        rows = [
+            {"run_id": ctx.run_id, "origin": origin, "origin_version": origin_version, "scope": scope,
+             "model_name": model[0] if model else None, "model_version": model[1] if model else None,
+             **scope_metrics(values)}
+            for scope, values in sorted(totals.items(), key=lambda item: (item[0] != SCOPE_ALL, item[0]))
+        ]
+        overall = rows[0]
+        compared = int(totals[SCOPE_ALL]["compared"] or 0) > 0
+        plots = (write_plots(ctx, origin, origin_version, per_document, rows, compared)
+                 if config.evaluate.plots else [])
+    finally:
+        per_document.unpersist()
+    frame = ctx.spark.createDataFrame(
+        [tuple(row.get(name) for name in TABLES[EVALUATIONS].columns if name != "created_at") for row in rows],
+        TABLES[EVALUATIONS].project(exclude=("created_at",)),
+    ).withColumn("created_at", F.current_timestamp())
+    ctx.merge(EVALUATIONS, frame)
+    gold_source = gold or (GOLD_FROM_DOCUMENTS if overall["gold_pages"] else None)
+    if not overall["gold_pages"]:
+        log.warning("evaluate: no gold for %s %s (documents carry none and no --gold): scores are null, the "
+                    "other figures are written", origin, version_label(origin_version))
+    recorded = record_in_mlflow(ctx, origin, origin_version, rows, plots,
+                                {"gold": gold_source, "expert_version": expert_version, "run_id": ctx.run_id})
+    ctx.record(origin=origin, origin_version=origin_version, gold=gold_source, expert_version=expert_version)
+    return {
+        "origin": origin,
+        "origin_version": origin_version,
+        "version_label": version_label(origin_version),
+        "expert_version": expert_version,
+        "gold": gold_source,
+        **{name: overall[name] for name in METRIC_COLUMNS},
+        "by_source": {row["scope"]: {name: row[name] for name in METRIC_COLUMNS if row[name] is not None}
+                      for row in rows[1:]},
+        "plots": plots,
+        **recorded,
+    }
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def describe(stats: Mapping[str, Any]) -> str:
+    """The log line: headline scores next to their raw-text baselines."""
+    return (f"{stats['origin']} {stats['version_label']}: {stats['documents']} documents, "
+            f"{stats['gold_pages']} with gold; snippet F1 {_fmt(stats['snippet_f1'])} "
+            f"(raw {_fmt(stats['raw_snippet_f1'])}), recall {_fmt(stats['snippet_recall'])} "
+            f"(raw {_fmt(stats['raw_snippet_recall'])}); bag-of-words F1 {_fmt(stats['bow_f1'])} "
+            f"(raw {_fmt(stats['raw_bow_f1'])}); deletion F1 vs expert {_fmt(stats['deletion_f1'])}; "
+            f"new words {stats['new_words']}, invalid {_fmt(stats['invalid_share'])}")
+
+
+EVALUATE = Stage(
+    name=STAGE,
+    help="Score one program origin against gold pages and the distilled expert into evaluations (+ MLflow).",
+    reads=(DOCUMENTS, PROGRAMS, REFINED_DOCUMENTS, EDIT_STATS),
+    writes=(EVALUATIONS,),
+    transform=evaluate_outputs,
+    params=(
+        *ORIGIN_PARAMS,
+        Param("gold", "Pages file (JSON Lines, .gz allowed, with id and gold) to score against "
+              "(default: evaluate.gold, else the gold the documents carry)."),
+    ),
+    describe=describe,
+)
