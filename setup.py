@@ -83,7 +83,7 @@ setup(
     package_dir={"refinex.conf": "conf"},
     include_package_data=True,
     package_data={
-        "refinex": ["py.typed"],
+        "refinex": ["py.typed", "sql/*.sql"],
         "refinex.conf": ["*.yaml"],
         "refinex.conf.experts": ["*.yaml"],
         "refinex.conf.model": ["*.yaml"],

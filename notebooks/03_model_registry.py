@@ -9,10 +9,14 @@
 # MAGIC `origin_version = '<name>/<version>'`, decoding suffixes such as `+unconstrained` included), next to
 # MAGIC the distilled oracle's.
 # MAGIC
-# MAGIC The last cell moves `@champion` to the version in the `promote_version` widget (empty: nothing is
-# MAGIC changed), with `refinex.spark.train.promote` (the same as `refinex promote --version N`).
+# MAGIC Each version also shows its latest evaluation (`refinex.eval.*` tags: snippet F1, new words, invalid
+# MAGIC programs) and its last promotion decision (`refinex.promotion.*` tags). The last cell runs the gated
+# MAGIC `promote` stage (the same as `refinex promote --version N`) on the version in the `promote_version`
+# MAGIC widget (empty: nothing is changed): `@champion` moves only if the gates pass, else `@challenger`.
+# MAGIC A non-empty `force_reason` forces the promotion and records the reason.
 # MAGIC
-# MAGIC **Widgets**: `workdir`, `profile`, `overrides` (as in the edit statistics notebook), `promote_version`.
+# MAGIC **Widgets**: `workdir`, `profile`, `overrides` (as in the edit statistics notebook), `promote_version`,
+# MAGIC `force_reason`.
 # MAGIC Locally MLflow is `sqlite:///<workdir>/mlflow.db`; on Databricks it is what the profile says
 # MAGIC (`model.tracking_uri: databricks`, `model.registry_uri: databricks-uc`: the Unity Catalog registry,
 # MAGIC where the model is `<catalog>.<schema>.refinex_refiner`).
@@ -37,6 +41,7 @@ from refinex.notebook import attach, widget
 
 ctx = attach(widget("workdir", ""), widget("profile", ""), spark=spark, overrides=widget("overrides", ""))
 promote_version = widget("promote_version", "", label="promote_version (empty: none)").strip()
+force_reason = widget("force_reason", "", label="force_reason (empty: gated)").strip()
 name = ctx.config.model.registered_name
 champion_alias = ctx.config.model.champion_alias
 client = MlflowClient(tracking_uri=ctx.tracking_uri, registry_uri=ctx.registry_uri)
@@ -46,8 +51,16 @@ print(f"model {name} (alias @{champion_alias}) in {ctx.registry_uri}")
 
 # DBTITLE 1,Registered versions
 RUN_METRICS = ("final_train_loss", "validation_loss", "train_seconds", "steps")
-COLUMNS = ["version", "aliases", "champion", "status", "created", "base_name", "sft_origin_version",
-           "train_data_version", "origin_prefix", "run_id", "source"]
+COLUMNS = ["version", "aliases", "champion", "status", "created", "decision", "decision_reason", "eval_snippet_f1",
+           "eval_new_words", "eval_invalid_share", "base_name", "sft_origin_version", "train_data_version",
+           "origin_prefix", "run_id", "source"]
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def list_versions():
@@ -66,6 +79,10 @@ def list_versions():
             "version": str(v.version), "aliases": ", ".join(f"@{a}" for a in names),
             "champion": champion_alias in names, "status": v.status,
             "created": pd.to_datetime(v.creation_timestamp, unit="ms"),
+            "decision": tags.get("refinex.promotion.decision"), "decision_reason": tags.get("refinex.promotion.reason"),
+            "eval_snippet_f1": _number(tags.get("refinex.eval.snippet_f1")),
+            "eval_new_words": _number(tags.get("refinex.eval.new_words")),
+            "eval_invalid_share": _number(tags.get("refinex.eval.invalid_share")),
             "base_name": tags.get("base_name"), "sft_origin_version": tags.get("sft_origin_version"),
             "train_data_version": tags.get("train_data_version"), "origin_prefix": f"{name}/{v.version}",
             "run_id": v.run_id, "source": v.source,
@@ -184,24 +201,28 @@ plt.close(fig)
 # COMMAND ----------
 
 # MAGIC %md
-# MAGIC ## Promote a version to @champion
-# MAGIC Set the `promote_version` widget to a version number and run this cell: `@champion` then points at it
-# MAGIC (`models:/refinex-refiner@champion`), so the next `refinex refine` (or the pipeline with `train=False`)
-# MAGIC uses it. Empty: nothing is changed.
+# MAGIC ## Promote a version (gated)
+# MAGIC Set the `promote_version` widget to a version number and run this cell. The version's latest evaluation
+# MAGIC goes through the promotion gates (`promote:` in the profile: no new words, invalid programs at most 1 %,
+# MAGIC snippet recall not below the raw text's minus a margin, a better snippet F1 than the champion's): passing,
+# MAGIC `@champion` points at it (`models:/refinex-refiner@champion`, what the next `refinex refine` uses);
+# MAGIC failing, `@challenger` does and the reason is printed. `force_reason` promotes anyway, recorded.
+# MAGIC Empty `promote_version`: nothing is changed.
 
 # COMMAND ----------
 
 # DBTITLE 1,Promote
 promotion = None
 if promote_version:
-    from refinex.spark.train import promote
+    from refinex.spark.promote import format_decision
+    from refinex.spark.registry import run_stage
 
-    promotion = promote(ctx.config, ctx.workdir, promote_version)
-    print(f"models:/{promotion['model']}@{promotion['alias']}: version {promotion['previous'] or '(none)'} -> "
-          f"{promotion['version']}")
+    promotion = run_stage("promote", ctx.spark, ctx.config, ctx.workdir, version=int(promote_version),
+                          force=bool(force_reason), reason=force_reason or None)
+    print(format_decision(promotion))
     versions = list_versions()
     register_view(versions)
-    display(versions[["version", "aliases", "champion", "status", "created"]])
+    display(versions[["version", "aliases", "champion", "decision", "decision_reason", "status", "created"]])
 else:
     print("promote_version is empty: @" + champion_alias + " is left as it is (version "
           + str(champion or "not set") + ")")

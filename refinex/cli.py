@@ -245,6 +245,9 @@ def _pipeline_body(values: dict[str, Any], workdir: Optional[str], config: Optio
             refine=not kwargs["skip_model"],
         )
         typer.echo(format_summary(result))
+        if result["failures"]:
+            raise StageFailed("quality gates failed (everything else was written):\n\n"
+                              + "\n\n".join(result["failures"]), {})
 
     _run(action)
 
@@ -279,6 +282,36 @@ def _register_commands() -> None:
             _command(stage.command, stage.help, stage.params, _refine_body, extra=(("no_apply", bool, no_apply),))
         else:
             _command(stage.command, stage.help, stage.params, _stage_body(stage))
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT (or WITH/SHOW/DESCRIBE) over the tables and views.")],
+    workdir: WorkdirOpt = None,
+    output: Annotated[
+        Optional[str], typer.Option("--output", "-o", help="Write every row to FILE.csv, FILE.jsonl or FILE.parquet.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Rows shown on the terminal.")] = 100,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Query the tables and the edit-statistics views in SQL (views: refinex/sql/views.sql).
+
+    Tables are refinex.<table> (catalog tables by their full names); views: edit_stats_versions
+    (every version, is_latest), edit_stats_latest, stats_by_origin, stats_by_source,
+    stats_by_status, stats_by_shard, ops_per_document, deletion_ratio_percentiles,
+    top_removed_strings, top_removed_lines, model_vs_oracle (the latest version of each
+    origin, with its short version_label)."""
+
+    def body() -> None:
+        from refinex.spark.views import sql_command
+
+        cfg = _config(config, set_)
+        _require_workdir(cfg, workdir)
+        ctx = _context(cfg, workdir, None)
+        typer.echo(sql_command(ctx, query, output=output, limit=limit)["text"])
+
+    _run(body)
 
 
 @app.command()

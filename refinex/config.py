@@ -322,7 +322,7 @@ class PromoteConfig:
 
     max_new_words: int = 0  # words in the refined text that are not in the raw text
     max_invalid_share: float = 0.01  # documents whose program had parse errors or fell back
-    recall_margin: float = 0.05  # snippet recall >= the raw text's recall - this margin
+    recall_margin: float = 0.2  # snippet recall >= the raw text's recall - this margin
     require_better_f1: bool = True  # snippet F1 above the current champion's (when there is one)
     challenger_alias: str = "challenger"
 

@@ -1,9 +1,9 @@
 """Gated promotion of a refine model version (pure: no MLflow, no Spark).
 
 ``refinex promote`` moves ``@champion`` only to a version whose latest evaluation passes
-every gate of ``PromoteConfig``: no new words, few invalid programs, snippet recall not
-below the raw text's minus a margin, and a snippet F1 above the current champion's (or no
-champion). Otherwise the version becomes ``@challenger``. :func:`decide` takes the two
+every gate of ``PromoteConfig``: its programs passed the quality gates (``validate``), no new
+words, few invalid programs, snippet recall not below the raw text's minus a margin, and a
+snippet F1 above the current champion's (or no champion). Otherwise the version becomes ``@challenger``. :func:`decide` takes the two
 evaluations as plain mappings (``evaluations`` rows: the metric names are its columns), so
 the rules are tested without a registry; the stage in ``refinex.spark.promote`` reads the
 rows and writes the aliases and tags.
@@ -66,11 +66,23 @@ def check_gates(
     champion: Optional[Mapping[str, Any]],
     config: PromoteConfig,
     champion_version: Optional[str] = None,
+    validation: Optional[Mapping[str, Any]] = None,
 ) -> tuple[Gate, ...]:
-    """Every gate on the candidate's evaluation (``None``: never evaluated, so all fail)."""
+    """Every gate on the candidate's evaluation (``None``: never evaluated, so all fail).
+
+    ``validation``: the latest ``validate`` result of the evaluated programs (``passed``,
+    ``failed_expectations``); ``None`` when they were never validated (that gate fails)."""
     if candidate is None:
         return (Gate("evaluated", False, None, None, "the version has no evaluation: run `refinex evaluate` first"),)
     gates = []
+    if validation is None:
+        gates.append(Gate("quality_gates", False, None, None,
+                          "its programs were never validated: run `refinex validate --origin model` first"))
+    elif not validation.get("passed"):
+        failed = ", ".join(validation.get("failed_expectations") or []) or "see gate_failures"
+        gates.append(Gate("quality_gates", False, None, None, f"its programs failed the quality gates ({failed})"))
+    else:
+        gates.append(Gate("quality_gates", True, None, None, "its programs passed the quality gates"))
     new_words = _number(candidate, "new_words")
     gates.append(Gate(
         "new_words", new_words is not None and new_words <= config.max_new_words, new_words,
@@ -111,6 +123,7 @@ def decide(
     config: PromoteConfig,
     force: bool = False,
     reason: Optional[str] = None,
+    validation: Optional[Mapping[str, Any]] = None,
 ) -> Decision:
     """The promotion decision for ``candidate_version`` (see the module docstring).
 
@@ -120,7 +133,7 @@ def decide(
         raise ValueError("--force needs --reason TEXT: a forced promotion is recorded with its reason")
     if champion_version is not None and str(champion_version) == str(candidate_version):
         return Decision(UNCHANGED, f"version {candidate_version} is the champion already", ())
-    gates = check_gates(candidate, champion, config, champion_version)
+    gates = check_gates(candidate, champion, config, champion_version, validation)
     failed = [g for g in gates if not g.passed]
     if force:
         why = f"forced: {reason}" + (f" (failed gates: {', '.join(g.name for g in failed)})" if failed else "")

@@ -115,7 +115,7 @@ def test_wheel_ships_conf(installed: dict[str, Path]) -> None:
                 if p.is_file() and p.suffix in (".yaml", ".txt")}
     assert expected and expected <= names, sorted(expected - names)
     assert {"refinex/conf/databricks.yaml", "refinex/conf/prompts/refine_v1.txt", "refinex/conf/model/tiny.yaml",
-            "refinex/conf/experts/llm.yaml"} <= names
+            "refinex/conf/experts/llm.yaml", "refinex/sql/views.sql"} <= names
     assert not any(name.startswith(("conf/", "tests/")) for name in names)
 
 

@@ -1,8 +1,10 @@
-"""The whole flow, under one run id: ingest -> expert -> distill -> apply -> stats for the
-distilled programs (the oracle), then sft_pairs -> train -> refine -> apply -> stats for the
-refine model's programs (``model_uri`` skips training and uses that model; ``refine=False``
-stops after the distilled programs). The model's apply and stats rows in ``stage_runs``
-carry the run id ``<run id>+model``.
+"""The whole flow, under one run id: ingest -> expert -> distill -> apply -> stats ->
+validate -> evaluate for the distilled programs (the oracle), then sft_pairs -> train ->
+refine -> apply -> stats -> validate -> evaluate for the refine model's programs, and promote
+of the model trained (``model_uri`` skips training and promotion and uses that model;
+``refine=False`` stops after the distilled programs). The model's steps carry the run id
+``<run id>+model`` in ``stage_runs``. A failed quality gate does not stop the run: its summary
+is collected in ``result["failures"]`` and the CLI exits non-zero after everything is written.
 
 The steps are ``refinex.spark.registry.pipeline_steps``: the same registry and stage
 envelope as the CLI's stage commands and the bundle's tasks. Every stage reads its inputs
@@ -22,6 +24,7 @@ from refinex.config import Config
 from refinex.spark.registry import REGISTERED_MODEL, pipeline_steps, run_steps
 from refinex.spark.stage import context
 from refinex.spark.tables import TABLES, new_run_id, record_stage_run
+from refinex.versions import version_label
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ def run_pipeline(
     started = datetime.now(timezone.utc)
     ctx = context(spark, config, workdir, run_id or new_run_id())
     training = train and model_uri is None
-    steps = pipeline_steps(train=training, refine=refine)
+    steps = pipeline_steps(train=training, refine=refine, validate=config.quality.enabled,
+                           evaluate=config.evaluate.enabled)
     paths = [input_paths] if isinstance(input_paths, str) else list(input_paths)
     params: dict[str, dict[str, Any]] = {"ingest": {"input": paths, "limit": limit}}
     if base is not None:
@@ -64,25 +68,76 @@ def run_pipeline(
     run_steps(ctx, steps, params, results=result, external=() if training else (REGISTERED_MODEL,))
     run_params = {"input": paths, "limit": limit, "config": ctx.config.to_dict(), "base": base,
                   "model_uri": model_uri, "train": train, "refine": refine}
-    summary = {step.key: result[step.key] for step in steps}
+    summary = {step.key: result[step.key] for step in steps if step.key in result}
+    summary["failures"] = result["failures"]
     record_stage_run(spark, ctx.tables, ctx.run_id, PIPELINE, started, datetime.now(timezone.utc), run_params, summary)
     return result
 
 
 def format_origins(rows: list[dict[str, Any]]) -> list[str]:
-    """The ``stats`` summaries of several origins side by side, one line each."""
+    """The ``stats`` summaries of several origins side by side, one line each (versions by
+    their short labels; the full strings follow)."""
     statuses = sorted({status for row in rows for status in row["by_status"]})
     header = ["origin", "version", "documents", *statuses, "deletion ratio", "chars out"]
     table = [header]
     for row in rows:
         ratio = row["mean_deletion_ratio"]
         table.append([
-            row["origin"], row["origin_version"], str(row["documents"]),
+            row["origin"], version_label(row["origin_version"]), str(row["documents"]),
             *[str(row["by_status"].get(status, 0)) for status in statuses],
             "n/a" if ratio is None else f"{ratio:.3f}", f"{row['chars_out']:,}",
         ])
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = _columns(table)
+    lines += [f"  {version_label(row['origin_version'])} = {row['origin_version']}" for row in rows]
+    return lines
+
+
+def _columns(table: list[list[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     return ["  " + "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+
+
+def _f(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_gates(result: dict[str, Any]) -> list[str]:
+    """One line per validated origin: passed, or which expectations failed."""
+    lines = []
+    for key in ("validate", "validate_model"):
+        gate = result.get(key)
+        if not gate:
+            continue
+        head = f"  {gate['origin']:<9}  {gate['version_label']}: "
+        if gate.get("passed") and not gate.get("failed"):
+            warn = f", {gate['warnings']} warning(s): {', '.join(gate['warned_expectations'])}" if gate["warnings"] else ""
+            lines.append(f"{head}passed ({gate['expectations']} expectations{warn})")
+        else:
+            lines.append(f"{head}FAILED {', '.join(gate.get('failed_expectations') or [])}")
+    return ["quality gates (Great Expectations):", *lines] if lines else []
+
+
+def format_scores(result: dict[str, Any]) -> list[str]:
+    """The evaluations side by side, with the raw text's scores as the baseline."""
+    evaluated = [result[k] for k in ("evaluate", "evaluate_model") if result.get(k)]
+    if not evaluated:
+        return []
+    first = evaluated[0]
+    gold = first.get("gold_pages") or 0
+    header = ["", "snippet P", "snippet R", "snippet F1", "bow F1", "deletion F1 vs expert", "new words", "invalid"]
+    table = [header]
+    if gold:
+        table.append(["raw text", "-", _f(first.get("raw_snippet_recall")), _f(first.get("raw_snippet_f1")),
+                      _f(first.get("raw_bow_f1")), "-", "-", "-"])
+    for ev in evaluated:
+        table.append([
+            f"{ev['origin']} {ev['version_label']}", _f(ev.get("snippet_precision")), _f(ev.get("snippet_recall")),
+            _f(ev.get("snippet_f1")), _f(ev.get("bow_f1")), _f(ev.get("deletion_f1")), str(ev.get("new_words")),
+            _f(ev.get("invalid_share")),
+        ])
+    title = (f"scores against gold ({gold} pages with gold; snippet scores on trafilatura-eval pages, "
+             "bag-of-words on scrapinghub pages):" if gold else "evaluation (the documents carry no gold):")
+    return [title, *_columns(table)]
 
 
 def _model_lines(result: dict[str, Any]) -> list[str]:
@@ -91,7 +146,7 @@ def _model_lines(result: dict[str, Any]) -> list[str]:
     if sft:
         lines.append(
             f"sft pairs: {sft['pairs']} ({sft['train_pairs']} train / {sft['validation_pairs']} validation) from "
-            f"{sft['documents_with_pairs']} documents of {sft['origin_version']}"
+            f"{sft['documents_with_pairs']} documents of {version_label(sft['origin_version'])}"
         )
     train = result.get("train")
     if train:
@@ -107,7 +162,7 @@ def _model_lines(result: dict[str, Any]) -> list[str]:
                 + (f"; validation chunks: removed-character F1 {train['val_char_f1']:.3f}, line F1 "
                    f"{train['val_line_f1']:.3f}" if "val_char_f1" in train else "")
             )
-        lines.append(f"  champion: version {train['champion_version']} (tracking {train['tracking_uri']})")
+        lines.append(f"  tracking {train['tracking_uri']}")
     refine = result.get("refine")
     if refine:
         rate = refine["docs_per_s"]
@@ -146,6 +201,12 @@ def format_summary(result: dict[str, Any]) -> str:
     lines.append(f"programs by origin ({'distilled oracle vs refine model' if len(origins) > 1 else stats['origin']}):")
     lines.extend(format_origins(origins))
     lines.append(f"chars in {stats['chars_in']:,}")
+    lines.extend(format_gates(result))
+    lines.extend(format_scores(result))
+    if result.get("promote"):
+        from refinex.spark.promote import format_decision
+
+        lines.append("promotion: " + format_decision(result["promote"]))
     lines.append(f"tables: {result['tables']}")
     lines.append("  " + ", ".join(TABLES))
     return "\n".join(lines)

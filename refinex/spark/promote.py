@@ -2,7 +2,9 @@
 
 The candidate's latest evaluation (the ``evaluations`` row of ``model`` programs written by
 that version, scope ``all``; else the ``refinex.eval.*`` tags ``evaluate`` put on the model
-version) goes through the gates of ``refinex.promotion``, against the current champion's.
+version) and the verdict of the latest ``validate`` run of those programs (``stage_runs``; its
+offending rows are in ``gate_failures``) go through the gates of ``refinex.promotion``,
+against the current champion's evaluation.
 Passing: ``@champion`` points at it. Failing: ``@challenger`` does, and the reason is given.
 The decision, its reason and every gate are recorded as model-version tags
 (``refinex.promotion.*``); ``--force --reason TEXT`` promotes anyway and is recorded as such.
@@ -24,7 +26,7 @@ from pyspark.sql import functions as F
 from refinex.config import Config
 from refinex.promotion import CHALLENGER, CHAMPION, Decision, decide
 from refinex.spark.stage import Param, Stage, StageContext
-from refinex.spark.tables import EVALUATIONS, ORIGIN_MODEL, TABLES
+from refinex.spark.tables import EVALUATIONS, GATE_FAILURES, ORIGIN_MODEL, STAGE_RUNS, TABLES
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,24 @@ def latest_evaluation(ctx: StageContext, client: Any, name: str, version: str) -
     return {k: (float(v) if k in numeric and v not in ("", "None") else v) for k, v in metrics.items()}
 
 
+def latest_validation(ctx: StageContext, origin_version: str) -> Optional[dict[str, Any]]:
+    """``passed`` and ``failed_expectations`` of the newest ``validate`` run of the model
+    programs ``origin_version`` (from ``stage_runs``), or None when they were never validated."""
+    if not ctx.exists(STAGE_RUNS):
+        return None
+    rows = (
+        ctx.read(STAGE_RUNS).where(F.col("stage") == "validate")
+        .orderBy(F.col("ended_at").desc()).select("params", "stats").limit(500).collect()
+    )
+    for row in rows:
+        params = json.loads(row["params"])
+        if params.get("origin") == ORIGIN_MODEL and params.get("origin_version") == origin_version:
+            stats = json.loads(row["stats"])
+            return {"passed": bool(stats.get("passed")) and not stats.get("failed"),
+                    "failed_expectations": stats.get("failed_expectations") or []}
+    return None
+
+
 def _record(client: Any, name: str, version: str, decision: Decision, run_id: str, reason: Optional[str]) -> None:
     tags = {
         "decision": decision.outcome, "reason": decision.reason, "gates": decision.gates_json(),
@@ -130,7 +150,9 @@ def promote_model(
         champion = None
     candidate_eval = latest_evaluation(ctx, client, name, chosen)
     champion_eval = latest_evaluation(ctx, client, name, champion) if champion not in (None, chosen) else None
-    decision = decide(chosen, candidate_eval, champion, champion_eval, config.promote, force, reason)
+    evaluated_version = (candidate_eval or {}).get("origin_version") or f"{name}/{chosen}"
+    validation = latest_validation(ctx, str(evaluated_version))
+    decision = decide(chosen, candidate_eval, champion, champion_eval, config.promote, force, reason, validation)
     if decision.outcome == CHAMPION:
         client.set_registered_model_alias(name, champion_alias, chosen)
     elif decision.outcome == CHALLENGER:
@@ -165,7 +187,7 @@ PROMOTE = Stage(
     name=STAGE,
     help="Move @champion to a registered model version if its latest evaluation passes the promote gates "
     "(else @challenger); --force --reason overrides.",
-    reads=(EVALUATIONS,),
+    reads=(EVALUATIONS, GATE_FAILURES),
     writes=(),
     transform=promote_model,
     params=(

@@ -15,19 +15,24 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from refinex.config import Config
 from refinex.spark.apply import APPLY, EXPORT
 from refinex.spark.distill import DISTILL
+from refinex.spark.evaluate import EVALUATE
 from refinex.spark.expert import EXPERT
 from refinex.spark.ingest import INGEST
 from refinex.spark.promote import PROMOTE
 from refinex.spark.refine import REFINE
+from refinex.spark.report import REPORT
 from refinex.spark.sft import SFT_PAIRS_STAGE
+from refinex.errors import StageFailed
 from refinex.spark.stage import Stage, StageContext, execute
 from refinex.spark.stats import STATS
 from refinex.spark.tables import ORIGIN_DISTILLED, ORIGIN_MODEL
 from refinex.spark.train import TRAIN
+from refinex.spark.validate import VALIDATE
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
-    for stage in (INGEST, EXPERT, DISTILL, APPLY, STATS, EXPORT, SFT_PAIRS_STAGE, TRAIN, REFINE, PROMOTE)
+    for stage in (INGEST, EXPERT, DISTILL, APPLY, STATS, VALIDATE, EVALUATE, REPORT, EXPORT, SFT_PAIRS_STAGE, TRAIN,
+                  REFINE, PROMOTE)
 }
 
 REGISTERED_MODEL = "registered_model"
@@ -55,7 +60,9 @@ class Step:
     ``params`` are fixed values (``origin: model``); ``bind`` adds values taken from the
     results of earlier steps when the steps run in one process (the bundle's tasks resolve
     the same values from the tables instead). ``run_suffix`` keeps the ``stage_runs`` key
-    ``(run_id, stage)`` unique when a stage runs twice in one run.
+    ``(run_id, stage)`` apart when a stage runs twice in one run. A ``gate`` step (validate)
+    that fails does not stop the steps after it: :func:`run_steps` records the failure and
+    the run ends non-zero after writing everything it can.
     """
 
     key: str
@@ -63,6 +70,7 @@ class Step:
     params: Mapping[str, Any] = field(default_factory=dict)
     bind: Optional[Bind] = None
     run_suffix: str = ""
+    gate: bool = False
 
     @property
     def declaration(self) -> Stage:
@@ -89,6 +97,10 @@ def _refined_version(config: Config, results: Mapping[str, Any]) -> dict[str, An
     return {"origin_version": results["refine"]["origin_version"]} if "refine" in results else {}
 
 
+def _trained_version(config: Config, results: Mapping[str, Any]) -> dict[str, Any]:
+    return {"version": int(results["train"]["version"])} if "train" in results else {}
+
+
 ORACLE_STEPS: tuple[Step, ...] = (
     Step("ingest", "ingest"),
     Step("expert", "expert"),
@@ -97,6 +109,12 @@ ORACLE_STEPS: tuple[Step, ...] = (
     Step("stats", "stats", {"origin": ORIGIN_DISTILLED}, _oracle_version),
 )
 """The distilled oracle: the expert's edits as deletion-only programs, applied and measured."""
+
+ORACLE_CHECKS: tuple[Step, ...] = (
+    Step("validate", "validate", {"origin": ORIGIN_DISTILLED}, _oracle_version, gate=True),
+    Step("evaluate", "evaluate", {"origin": ORIGIN_DISTILLED}, _oracle_version),
+)
+"""The oracle's quality gates and scores (against gold, when the documents carry it)."""
 
 TRAIN_STEPS: tuple[Step, ...] = (
     Step("sft_pairs", "sft_pairs", bind=_sft_version),
@@ -110,7 +128,17 @@ MODEL_CHAIN: tuple[Step, ...] = (
 )
 """refine -> apply -> stats of the model's programs: the CLI's ``refine`` and the pipeline's end."""
 
-PIPELINE_STEPS: tuple[Step, ...] = (*ORACLE_STEPS, *TRAIN_STEPS, *MODEL_CHAIN)
+MODEL_CHECKS: tuple[Step, ...] = (
+    Step("validate_model", "validate", {"origin": ORIGIN_MODEL}, _refined_version, MODEL_RUN_SUFFIX, gate=True),
+    Step("evaluate_model", "evaluate", {"origin": ORIGIN_MODEL}, _refined_version, MODEL_RUN_SUFFIX),
+)
+
+PROMOTE_STEPS: tuple[Step, ...] = (Step("promote", "promote", bind=_trained_version),)
+"""The model just trained goes through the promotion gates (@champion or @challenger)."""
+
+PIPELINE_STEPS: tuple[Step, ...] = (
+    *ORACLE_STEPS, *ORACLE_CHECKS, *TRAIN_STEPS, *MODEL_CHAIN, *MODEL_CHECKS, *PROMOTE_STEPS,
+)
 
 
 def _reads(step: Step) -> tuple[str, ...]:
@@ -150,12 +178,20 @@ def check_order(steps: Sequence[Step], external: Sequence[str] = ()) -> None:
         produced.update(_writes(step))
 
 
-def pipeline_steps(train: bool = True, refine: bool = True) -> tuple[Step, ...]:
-    """The steps of ``refinex pipeline``: the oracle, then (unless ``refine`` is off) the
-    model part, with or without training."""
+def pipeline_steps(train: bool = True, refine: bool = True, validate: bool = True,
+                   evaluate: bool = True) -> tuple[Step, ...]:
+    """The steps of ``refinex pipeline``: the oracle and its checks, then (unless ``refine``
+    is off) the model part, with or without training, its checks, and the promotion of the
+    model it trained. ``validate`` / ``evaluate`` off leave those checks out (and promotion,
+    which needs an evaluation)."""
+    def checks(steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        return tuple(s for s in steps if (s.stage != "validate" or validate) and (s.stage != "evaluate" or evaluate))
+
+    oracle = (*ORACLE_STEPS, *checks(ORACLE_CHECKS))
     if not refine:
-        return ORACLE_STEPS
-    return (*ORACLE_STEPS, *(TRAIN_STEPS if train else ()), *MODEL_CHAIN)
+        return oracle
+    promote = PROMOTE_STEPS if train and evaluate else ()
+    return (*oracle, *(TRAIN_STEPS if train else ()), *MODEL_CHAIN, *checks(MODEL_CHECKS), *promote)
 
 
 def run_steps(
@@ -167,17 +203,26 @@ def run_steps(
 ) -> dict[str, Any]:
     """Run the steps in order, each inside the envelope; returns ``{step key: stats}``.
 
-    ``params`` gives extra values per step key (``{"train": {"base": ...}}``).
+    ``params`` gives extra values per step key (``{"train": {"base": ...}}``). A failing
+    ``gate`` step's statistics are kept (with ``failed: true``) and its summary is appended
+    to ``results["failures"]``; the caller decides how the run ends (the CLI exits 1).
     """
     check_order(steps, external)
     results = {} if results is None else results
+    failures: list[str] = results.setdefault("failures", [])
     for step in steps:
         values: dict[str, Any] = dict(step.params)
         if step.bind is not None:
             values.update(step.bind(ctx.config, results))
         values.update((params or {}).get(step.key, {}))
         step_ctx = ctx.with_run_id(f"{ctx.run_id}{step.run_suffix}") if step.run_suffix else ctx
-        results[step.key] = execute(step.declaration, step_ctx, **values)
+        try:
+            results[step.key] = execute(step.declaration, step_ctx, **values)
+        except StageFailed as exc:
+            if not step.gate:
+                raise
+            results[step.key] = exc.stats
+            failures.append(str(exc))
     return results
 
 

@@ -529,7 +529,9 @@ def merge_into(
         _FRESH.discard(fresh)
         return {"inserted": append_rows(spark, resolver, table, source), "updated": 0,
                 **({"deleted": 0} if delete_missing else {})}
-    on = " AND ".join(f"t.`{c}` = s.`{c}`" for c in spec.keys)
+    # Nullable key columns (gate_failures.doc_id) match null-safely: a rerun finds its rows.
+    nullable = {f.name for f in spec.schema.fields if f.nullable}
+    on = " AND ".join(f"t.`{c}` {'<=>' if c in nullable else '='} s.`{c}`" for c in spec.keys)
     types = {f.name: f.dataType for f in spec.schema.fields}
     unchanged = " AND ".join(_same(c, types[c]) for c in spec.content_columns)
     target = _delta_table(spark, resolver, table).alias("t")

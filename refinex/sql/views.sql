@@ -8,7 +8,6 @@
 -- written last (max(created_at) per origin, see edit_stats_versions). Each carries origin,
 -- origin_version and version_label (the short label of refinex.versions.version_label, e.g.
 -- trafilatura@4f778c), so `WHERE version_label = '...'` picks one origin's version.
--- Statements end with a semicolon at the end of a line.
 
 -- One row per origin and version in edit_stats; is_latest marks the version the views show.
 CREATE OR REPLACE VIEW ${schema}.edit_stats_versions AS
@@ -117,7 +116,9 @@ FROM (
 -- The strings remove_str operations delete, by frequency (every operation of the programs,
 -- accepted or not). Program lines are parsed with regular expressions: the canonical form
 -- remove_str(<line>, "<text>") (optionally line=/text= keywords, single quotes, a trailing
--- comma or semicolon), string escapes decoded as refinex.program.parse does.
+-- comma or semicolon), string escapes decoded as refinex.program.parse does. The literal's
+-- pattern uses possessive quantifiers (++, *+): Java's regex engine then matches it in one
+-- pass, without the recursion that overflows the stack on strings of a few thousand characters.
 CREATE OR REPLACE VIEW ${schema}.top_removed_strings AS
 WITH program_lines AS (
   SELECT p.origin, p.origin_version, v.version_label, p.doc_id, explode(split(p.program, '\n')) AS op

@@ -10,7 +10,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 from refinex.config import Config
-from refinex.spark.tables import EVALUATIONS, TABLES, merge_into
+from refinex.spark.tables import EVALUATIONS, TABLES, merge_into, record_stage_run
 
 NAME = "refinex-refiner"
 
@@ -37,6 +37,11 @@ def registry(spark: SparkSession, workdir: str, monkeypatch: pytest.MonkeyPatch)
     rows = [_evaluation(1, 0.80), _evaluation(2, 0.70), _evaluation(3, 0.85),
             _evaluation(4, 0.99, new_words=3)]
     merge_into(spark, workdir, EVALUATIONS, spark.createDataFrame(rows, TABLES[EVALUATIONS].schema))
+    now = datetime.now(timezone.utc)
+    for version in (1, 2, 3, 4):  # each version's programs passed validate
+        record_stage_run(spark, workdir, f"validate-{version}", "validate", now, now,
+                         {"origin": "model", "origin_version": f"{NAME}/{version}"},
+                         {"passed": True, "failed_expectations": []})
     return client
 
 
@@ -65,6 +70,14 @@ def test_promotion_is_gated_on_evaluation(spark: SparkSession, spark_config: Con
 
     new_words = run_stage("promote", spark, spark_config, workdir, version=4)
     assert new_words["decision"] == "challenger" and "3 new words" in new_words["reason"]
+
+    # programs that failed their quality gates are never promoted by the gates
+    now = datetime.now(timezone.utc)
+    record_stage_run(spark, workdir, "validate-5", "validate", now, now,
+                     {"origin": "model", "origin_version": f"{NAME}/4"},
+                     {"passed": False, "failed": True, "failed_expectations": ["refined_documents.dropped_share"]})
+    assert "failed the quality gates (refined_documents.dropped_share)" in run_stage(
+        "promote", spark, spark_config, workdir, version=4)["reason"]
 
     forced = run_stage("promote", spark, spark_config, workdir, version=2, force=True, reason="rollback drill")
     assert forced["decision"] == "champion" and _alias(registry, "champion") == "2"

@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_stage_declares_known_tables_and_flags() -> None:
-    assert set(STAGES) == {"ingest", "expert", "distill", "apply", "stats", "export", "sft_pairs", "train", "refine"}
+    assert set(STAGES) == {"ingest", "expert", "distill", "apply", "stats", "validate", "evaluate", "report", "export",
+                           "sft_pairs", "train", "refine", "promote"}
     for stage in STAGES.values():
         assert set(stage.reads) <= set(TABLES) and set(stage.writes) <= set(TABLES)
         flags = [p.flag for p in stage.params]
@@ -55,6 +56,9 @@ def test_dependencies_follow_the_declared_tables() -> None:
     assert "train" in graph["refine"]  # through the registered model
     assert set(graph["apply_model"]) == {"ingest", "expert", "refine"}
     assert set(graph["stats_model"]) == {"ingest", "apply_model"}
+    assert {"stats", "apply"} <= set(graph["validate"]) and {"stats", "apply"} <= set(graph["evaluate"])
+    assert {"stats_model", "apply_model"} <= set(graph["validate_model"])
+    assert set(graph["promote"]) == {"train", "evaluate_model", "validate_model"}
     assert [s.key for s in PIPELINE_STEPS] == list(graph)
 
 
@@ -178,3 +182,18 @@ def test_a_clean_ingest_still_has_a_quarantine_table(spark: SparkSession, spark_
     stats = run_stage("ingest", spark, spark_config, str(tmp_path / "wd"), input=str(path))
     assert stats["quarantined"] == 0 and stats["rows"][QUARANTINE] == {"inserted": 0, "updated": 0}
     assert spark.sql("SELECT count(*) AS n FROM refinex.quarantine").first()["n"] == 0
+
+
+def test_merge_matches_nullable_keys_null_safely(spark: SparkSession, workdir: str) -> None:
+    """A retried validate writes its table-level gate_failures rows (doc_id null) once."""
+    from datetime import datetime, timezone
+
+    from refinex.spark.tables import GATE_FAILURES, merge_into
+
+    row = ("run-1", "refined_documents", "distilled", "v1", "row_count", None, "error", "39", "40",
+           datetime.now(timezone.utc))
+    frame = spark.createDataFrame([row], TABLES[GATE_FAILURES].schema)
+    merge_into(spark, workdir, GATE_FAILURES, frame)
+    again = merge_into(spark, workdir, GATE_FAILURES, frame)
+    assert again == {"inserted": 0, "updated": 0}
+    assert read_table(spark, workdir, GATE_FAILURES).count() == 1

@@ -35,6 +35,12 @@ PURE_MODULES = (
     "refinex.model.constrained.confidence",
     "refinex.text",
     "refinex.evaluation.scores",
+    "refinex.evaluation.reliability",
+    "refinex.quality.checks",
+    "refinex.report.html",
+    "refinex.promotion",
+    "refinex.versions",
+    "refinex.errors",
 )
 
 _CHECK = """
