@@ -144,7 +144,8 @@ def plot_scores_by_source(rows: Sequence[Mapping[str, Any]], out_path: str | Pat
         for bar, value in zip(bars, values):
             ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.2f}", ha="center", fontsize=7)
     ax.set_xticks(range(len(groups)), [label for label, _ in groups], fontsize=8)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.3)  # room for the legend above bars at 1.0
+    ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("score")
     ax.set_title("scores against gold, per source" if groups else "no gold pages: nothing scored")
     ax.legend(fontsize=8, ncol=4, loc="upper center")

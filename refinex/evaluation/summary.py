@@ -53,11 +53,14 @@ Gold = Mapping[str, Any]
 
 
 def parse_gold(value: Union[str, Gold, None]) -> Optional[Gold]:
-    """A page's gold as a mapping (from its JSON text), None when there is none or it is
-    neither shape (data, never code: only ``json.loads``)."""
+    """A page's gold as a mapping (from its JSON text), None when there is none, it is not
+    JSON, or it has neither shape (data, never code: only ``json.loads``)."""
     if value is None:
         return None
-    gold = json.loads(value) if isinstance(value, str) else value
+    try:
+        gold = json.loads(value) if isinstance(value, str) else value
+    except ValueError:  # not JSON (a pages file whose gold is a bare string): no gold
+        return None
     return gold if isinstance(gold, Mapping) and gold_family(gold) is not None else None
 
 

@@ -11,8 +11,9 @@ document, the workers compute (``refinex.evaluation.summary.document_counts``):
 - new words and the reliability flags (untouched, emptied, fallback, invalid).
 
 Counts are summed in Spark per scope (``all`` and each source), with the deletion-ratio
-mean and quantiles (``edit_stats`` when the ``stats`` stage ran for the version, else the
-same figures of ``refined_documents.exec_stats``); only those few rows reach the driver,
+mean and quantiles and the plots' histograms (from ``edit_stats``, the figures ``validate``
+and ``report`` show too, where the ``stats`` stage ran for the version; else the same
+figures of ``refined_documents.exec_stats``); only those few rows reach the driver,
 which turns them into ``evaluations`` rows (``scope_metrics``). Without gold the non-gold
 figures are still written (``gold_pages`` 0, score columns null).
 
@@ -29,7 +30,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, IntegerType, LongType, StringType, StructField, StructType
@@ -144,6 +144,16 @@ def gold_frame(ctx: StageContext, gold: Optional[str]) -> DataFrame:
     return pages.where(F.col("gold").isNotNull()).select(F.col("id").alias("doc_id"), "gold").dropDuplicates(["doc_id"])
 
 
+def gold_available(ctx: StageContext, gold: Optional[str] = None) -> bool:
+    """Whether there is gold to score against: a pages file (``gold``, else ``evaluate.gold``)
+    or at least one document carrying ``metadata.gold`` (the pipeline's test before it runs
+    ``evaluate``)."""
+    if gold or ctx.config.evaluate.gold:
+        return True
+    with_gold = ctx.read(DOCUMENTS).where(F.get_json_object("metadata", "$.gold").isNotNull())
+    return with_gold.limit(1).count() > 0
+
+
 def _version(df: DataFrame, origin: str, origin_version: str) -> DataFrame:
     return df.where((F.col("origin") == origin) & (F.col("origin_version") == origin_version))
 
@@ -156,9 +166,8 @@ def document_frame(
         "doc_id", F.coalesce(F.col("source"), F.lit(UNKNOWN_SOURCE)).alias("source"), "text"
     )
     refined = _version(ctx.read(REFINED_DOCUMENTS), origin, origin_version).select(
-        "doc_id", "refined_text", "status", *[F.col(f"exec_stats.{name}").alias(f"exec_{name}") for name in
-                                              ("parse_errors", "deletion_ratio", "ops_total", "n_remove_lines",
-                                               "n_remove_str")]
+        "doc_id", "refined_text", "status", "exec_stats.parse_errors",
+        *[F.col(f"exec_stats.{f.name}").alias(f"exec_{f.name}") for f in _PASSED_THROUGH],
     )
     edit = _version(ctx.read(EDIT_STATS), origin, origin_version).select(
         "doc_id", *[F.col(f.name).alias(f"edit_{f.name}") for f in _PASSED_THROUGH]
@@ -172,11 +181,10 @@ def document_frame(
         joined = joined.join(expert, "doc_id", "left")
     else:
         joined = joined.withColumn("expert_program", F.lit(None).cast("string"))
-    measured = {f.name: F.coalesce(F.col(f"edit_{f.name}"), F.col(f"exec_{f.name}")).alias(f.name)
-                for f in _PASSED_THROUGH}
     return joined.select(
         "doc_id", "source", "text", "refined_text", F.coalesce(F.col("status"), F.lit(NO_PROGRAM)).alias("status"),
-        F.col("exec_parse_errors").alias("parse_errors"), "program", "expert_program", "gold", *measured.values(),
+        "parse_errors", "program", "expert_program", "gold",
+        *[F.coalesce(F.col(f"edit_{f.name}"), F.col(f"exec_{f.name}")).alias(f.name) for f in _PASSED_THROUGH],
     )
 
 
@@ -196,14 +204,39 @@ def _operation_bucket(column: str) -> Any:
     return expr
 
 
+HISTOGRAMS: tuple[tuple[str, str, int], ...] = (
+    ("deletion_ratio", "ratio", RATIO_BINS),
+    ("expert_deletion_ratio", "ratio", RATIO_BINS),
+    ("ops_total", "operations", 0),
+    ("n_remove_lines", "operations", 0),
+    ("n_remove_str", "operations", 0),
+)
+"""(column, binning, bins) of the per-document histograms the plots show (0: one bin per
+operation bucket)."""
+
+
+def _bins(kind: str, n: int) -> int:
+    from refinex.evaluation.plots import OPERATION_BUCKETS
+
+    return n if kind == "ratio" else len(OPERATION_BUCKETS)
+
+
 def scope_totals(per_document: DataFrame) -> dict[str, dict[str, Any]]:
-    """Summed counts, deletion-ratio mean and p50/p90 (``percentile_approx``) per scope."""
-    scoped = per_document.withColumn("scope", F.explode(F.array(F.lit(SCOPE_ALL), F.col("source"))))
-    quantiles = F.percentile_approx("deletion_ratio", [0.5, 0.9])
+    """Per scope, in one Spark job: the summed counts, the deletion-ratio mean and p50/p90
+    (``percentile_approx``) and the histogram bin counts (``<column>_bin_<i>``)."""
+    binned = per_document.select(
+        "*", *[(_ratio_bin(column) if kind == "ratio" else _operation_bucket(column)).alias(f"{column}_bin")
+               for column, kind, _ in HISTOGRAMS])
+    scoped = binned.withColumn("scope", F.explode(F.array(F.lit(SCOPE_ALL), F.col("source"))))
+    bin_counts = [
+        F.sum(F.when(F.col(f"{column}_bin") == i, 1).otherwise(0)).alias(f"{column}_bin_{i}")
+        for column, kind, n in HISTOGRAMS for i in range(_bins(kind, n))
+    ]
     rows = scoped.groupBy("scope").agg(
         *[F.sum(name).alias(name) for name in COUNT_COLUMNS],
         F.avg("deletion_ratio").alias("deletion_ratio_mean"),
-        quantiles.alias("quantiles"),
+        F.percentile_approx("deletion_ratio", [0.5, 0.9]).alias("quantiles"),
+        *bin_counts,
     ).collect()
     totals: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -214,33 +247,15 @@ def scope_totals(per_document: DataFrame) -> dict[str, dict[str, Any]]:
     return totals
 
 
-def histograms(per_document: DataFrame) -> dict[str, Any]:
-    """Bin counts of every document (one Spark job): deletion ratios of this origin and of
-    the expert, and operations per document by kind."""
-    from refinex.evaluation.plots import OPERATION_BUCKETS
-
-    binned = per_document.select(
-        _ratio_bin("deletion_ratio").alias("ratio_bin"), _ratio_bin("expert_deletion_ratio").alias("expert_bin"),
-        *[_operation_bucket(kind).alias(f"{kind}_bucket") for kind in ("ops_total", "n_remove_lines", "n_remove_str")],
-    )
-    aggregates = []
-    for column, n in (("ratio_bin", RATIO_BINS), ("expert_bin", RATIO_BINS),
-                      *((f"{kind}_bucket", len(OPERATION_BUCKETS)) for kind in ("ops_total", "n_remove_lines",
-                                                                                 "n_remove_str"))):
-        aggregates.extend(F.sum(F.when(F.col(column) == i, 1).otherwise(0)).alias(f"{column}_{i}") for i in range(n))
-    row = binned.agg(*aggregates).first()
-    assert row is not None
-
-    def counts(column: str, n: int) -> list[int]:
-        return [int(row[f"{column}_{i}"] or 0) for i in range(n)]
-
-    n_buckets = len(OPERATION_BUCKETS)
+def histograms(totals: Mapping[str, Any]) -> dict[str, Any]:
+    """The plots' bin counts from one scope's totals."""
+    counts = {column: [int(totals.get(f"{column}_bin_{i}") or 0) for i in range(_bins(kind, n))]
+              for column, kind, n in HISTOGRAMS}
     return {
-        "deletion_ratio": counts("ratio_bin", RATIO_BINS),
-        "expert_deletion_ratio": counts("expert_bin", RATIO_BINS),
-        "operations": {"all operations": counts("ops_total_bucket", n_buckets),
-                       "remove_lines": counts("n_remove_lines_bucket", n_buckets),
-                       "remove_str": counts("n_remove_str_bucket", n_buckets)},
+        "deletion_ratio": counts["deletion_ratio"],
+        "expert_deletion_ratio": counts["expert_deletion_ratio"],
+        "operations": {"all operations": counts["ops_total"], "remove_lines": counts["n_remove_lines"],
+                       "remove_str": counts["n_remove_str"]},
     }
 
 
@@ -257,8 +272,7 @@ def plot_dir(ctx: StageContext, origin: str, origin_version: str) -> Optional[Pa
 
 
 def write_plots(
-    ctx: StageContext, origin: str, origin_version: str, per_document: DataFrame, rows: list[dict[str, Any]],
-    compared: bool,
+    ctx: StageContext, origin: str, origin_version: str, totals: Mapping[str, Any], rows: list[dict[str, Any]],
 ) -> list[str]:
     """The three PNGs (deletion ratios, operations per document, scores per source)."""
     folder = plot_dir(ctx, origin, origin_version)
@@ -267,7 +281,8 @@ def write_plots(
         return []
     from refinex.evaluation.plots import plot_deletion_ratios, plot_operations, plot_scores_by_source
 
-    bins = histograms(per_document)
+    bins = histograms(totals)
+    compared = int(totals.get("compared") or 0) > 0
     title = f"{origin} {version_label(origin_version)} ({origin_version})"
     return [str(path) for path in (
         plot_deletion_ratios(bins["deletion_ratio"], folder / "deletion_ratio.png", title,
@@ -288,6 +303,12 @@ def mlflow_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
         prefix = "" if row["scope"] == SCOPE_ALL else f"{_metric_name(row['scope'])}."
         metrics.update({f"{prefix}{name}": float(row[name]) for name in METRIC_COLUMNS if row[name] is not None})
     return metrics
+
+
+def tag_value(value: Any) -> str:
+    """A figure as tag text: counts as integers (``"0"``), shares and scores as Python's
+    shortest round-tripping float (``float(tag)`` gives the ``evaluations`` value back)."""
+    return str(int(value)) if isinstance(value, int) and not isinstance(value, bool) else repr(float(value))
 
 
 def record_in_mlflow(
@@ -344,12 +365,12 @@ def _record_in_mlflow(
     if registered is not None and registered[0] == config.model.registered_name:
         name, number = registered
         overall = next(row for row in rows if row["scope"] == SCOPE_ALL)
-        tags = {f"{TAG_PREFIX}{metric}": repr(float(overall[metric])) for metric in METRIC_COLUMNS
+        tags = {f"{TAG_PREFIX}{metric}": tag_value(overall[metric]) for metric in METRIC_COLUMNS
                 if overall[metric] is not None}
         tags.update({f"{TAG_PREFIX}run_id": ctx.run_id, f"{TAG_PREFIX}origin_version": origin_version,
                      f"{TAG_PREFIX}mlflow_run_id": mlflow_run_id})
-        for key, tag_value in sorted(tags.items()):
-            client.set_model_version_tag(name, number, key, tag_value)
+        for key, text in sorted(tags.items()):
+            client.set_model_version_tag(name, number, key, text)
         recorded["model_version_tagged"] = f"{name}/{number}"
     return recorded
 
@@ -374,23 +395,17 @@ def evaluate_outputs(
         document_frame(ctx, origin, origin_version, expert_version, gold)
         .repartition(config.spark.partitions, "doc_id")
         .mapInPandas(_evaluate_partition(float(g.max_error_ratio), int(g.min_kept_chars)), DOCUMENT_SCHEMA)
-        .persist(StorageLevel.MEMORY_AND_DISK)
     )
-    try:
-        totals = scope_totals(per_document)
-        model = registry_version(origin, origin_version)
-        rows = [
-            {"run_id": ctx.run_id, "origin": origin, "origin_version": origin_version, "scope": scope,
-             "model_name": model[0] if model else None, "model_version": model[1] if model else None,
-             **scope_metrics(values)}
-            for scope, values in sorted(totals.items(), key=lambda item: (item[0] != SCOPE_ALL, item[0]))
-        ]
-        overall = rows[0]
-        compared = int(totals[SCOPE_ALL]["compared"] or 0) > 0
-        plots = (write_plots(ctx, origin, origin_version, per_document, rows, compared)
-                 if config.evaluate.plots else [])
-    finally:
-        per_document.unpersist()
+    totals = scope_totals(per_document)
+    model = registry_version(origin, origin_version)
+    rows = [
+        {"run_id": ctx.run_id, "origin": origin, "origin_version": origin_version, "scope": scope,
+         "model_name": model[0] if model else None, "model_version": model[1] if model else None,
+         **scope_metrics(values)}
+        for scope, values in sorted(totals.items(), key=lambda item: (item[0] != SCOPE_ALL, item[0]))
+    ]
+    overall = rows[0]
+    plots = write_plots(ctx, origin, origin_version, totals[SCOPE_ALL], rows) if config.evaluate.plots else []
     frame = ctx.spark.createDataFrame(
         [tuple(row.get(name) for name in TABLES[EVALUATIONS].columns if name != "created_at") for row in rows],
         TABLES[EVALUATIONS].project(exclude=("created_at",)),
@@ -398,8 +413,9 @@ def evaluate_outputs(
     ctx.merge(EVALUATIONS, frame)
     gold_source = gold or (GOLD_FROM_DOCUMENTS if overall["gold_pages"] else None)
     if not overall["gold_pages"]:
-        log.warning("evaluate: no gold for %s %s (documents carry none and no --gold): scores are null, the "
-                    "other figures are written", origin, version_label(origin_version))
+        log.warning("evaluate: no gold for %s %s (%s): scores are null, the other figures are written",
+                    origin, version_label(origin_version),
+                    f"no page of {gold} is a document" if gold else "the documents carry none and no --gold")
     recorded = record_in_mlflow(ctx, origin, origin_version, rows, plots,
                                 {"gold": gold_source, "expert_version": expert_version, "run_id": ctx.run_id})
     ctx.record(origin=origin, origin_version=origin_version, gold=gold_source, expert_version=expert_version)

@@ -18,7 +18,9 @@ from refinex.spark.pipeline import format_summary, run_pipeline
 from refinex.spark.tables import STAGE_RUNS, TABLES, read_table, table_version
 from refinex.status import ALL_STATUSES
 
-DATA_TABLES = [name for name in TABLES if name != STAGE_RUNS]
+# Run records (one row per run id) grow with every run; the data tables must not change.
+RUN_RECORDS = (STAGE_RUNS, "evaluations", "gate_failures")
+DATA_TABLES = [name for name in TABLES if name not in RUN_RECORDS]
 
 
 def _comparable(df: DataFrame) -> DataFrame:
@@ -59,9 +61,17 @@ def test_pipeline_end_to_end(spark: SparkSession, runs: dict[str, Any]) -> None:
     assert first["stats_model"]["documents"] == 5 and first["refine"]["invalid_chunks"] == 0
     stages = read_table(spark, workdir, "stage_runs").where(F.col("run_id") == first["run_id"])
     assert sorted(r["stage"] for r in stages.collect()) == [
-        "apply", "distill", "expert", "ingest", "pipeline", "refine", "sft_pairs", "stats", "train"]
+        "apply", "distill", "evaluate", "expert", "ingest", "pipeline", "promote", "refine", "sft_pairs", "stats",
+        "train", "validate"]
     model_stages = read_table(spark, workdir, "stage_runs").where(F.col("run_id") == first["run_id"] + "+model")
-    assert sorted(r["stage"] for r in model_stages.collect()) == ["apply", "stats"]
+    assert sorted(r["stage"] for r in model_stages.collect()) == ["apply", "evaluate", "stats", "validate"]
+    # the gates, the scores against the pages' gold and the promotion decision
+    assert first["failures"] == [] and first["validate"]["passed"] and first["validate_model"]["passed"]
+    assert first["evaluate"]["gold_pages"] == 5 and first["evaluate"]["new_words"] == 0
+    assert first["evaluate_model"]["new_words"] == 0
+    evaluations = read_table(spark, workdir, "evaluations").where(F.col("scope") == "all")
+    assert {r["origin"] for r in evaluations.collect()} == {"distilled", "model"}
+    assert first["promote"]["decision"] in ("champion", "challenger") and first["promote"]["gates"]
     for row in stages.where(F.col("stage") != "pipeline").collect():
         assert json.loads(row["stats"])["run_id"] == first["run_id"] and row["ended_at"] >= row["started_at"]
     pipeline_row = stages.where(F.col("stage") == "pipeline").first()
@@ -75,6 +85,25 @@ def test_pipeline_end_to_end(spark: SparkSession, runs: dict[str, Any]) -> None:
     summary = format_summary(first)
     assert "read 5 = accepted 5 + quarantined 0" in summary and f"{workdir}/delta/<table>" in summary
     assert "distilled oracle vs refine model" in summary and first["refine"]["origin_version"] in summary
+    assert "quality gates (Great Expectations):" in summary and "scores against gold (5 pages with gold" in summary
+    assert "promotion: refinex-refiner version 1 -> @" in summary
+
+
+def test_a_failed_gate_fails_the_pipeline_after_writing_everything(
+    spark: SparkSession, sample_pages: Path, tmp_path: Path
+) -> None:
+    """Every document dropped (a guardrail no page meets): the dropped-share gate fails, the
+    evaluation still runs, the summary is printed and the command exits 1."""
+    workdir = str(tmp_path / "work")
+    result = CliRunner().invoke(app, [
+        "pipeline", "--input", str(sample_pages), "--workdir", workdir, "--config", "test", "--skip-model",
+        "--set", "guardrails.min_kept_chars=100000000"])
+    assert result.exit_code == 1, result.output
+    assert "distilled  trafilatura@" in result.output and "FAILED refined_documents.dropped_share" in result.output
+    assert "quality gates failed (everything else was written)" in result.output
+    assert read_table(spark, workdir, "evaluations").where(F.col("origin") == "distilled").count() >= 1
+    failures = read_table(spark, workdir, "gate_failures").where(F.col("expectation") == "dropped_share")
+    assert failures.where(F.col("doc_id").isNotNull()).count() == 5
 
 
 def test_rerun_changes_nothing(spark: SparkSession, runs: dict[str, Any]) -> None:

@@ -263,3 +263,19 @@ def test_a_clean_run_passes_and_writes_its_reports(spark: SparkSession, spark_co
     artifacts = {a.path for a in client.list_artifacts(stats["mlflow_report_run_id"], "validation")}
     assert {"validation/validation.json", "validation/summary.txt", "validation/data_docs"} <= artifacts
     assert client.get_run(stats["stage_mlflow_run_id"]).data.metrics["passed"] == 1.0
+
+
+def test_cli_exits_non_zero_on_a_failed_gate(spark: SparkSession, workdir: str) -> None:
+    from typer.testing import CliRunner
+
+    from refinex.cli import app
+
+    ids = ["a", "b"]
+    merge_into(spark, workdir, "documents", _documents(spark, ids))
+    merge_into(spark, workdir, "refined_documents", _refined(spark, [_row(d, "expert_failed", None, None) for d in ids]))
+    result = CliRunner().invoke(app, ["validate", "--workdir", workdir, "--config", "test", "--origin", DISTILLED,
+                                      "--origin-version", VERSION, "--run-id", "cli-gate"])
+    assert result.exit_code == 1, result.output
+    assert "refined_documents.expert_failed_share" in result.output and "threshold share <= 0.05" in result.output
+    rows = read_table(spark, workdir, "gate_failures").where(F.col("run_id") == "cli-gate")
+    assert {r["doc_id"] for r in rows.where(F.col("expectation") == "expert_failed_share").collect()} == {None, "a", "b"}

@@ -36,6 +36,8 @@ PURE_MODULES = (
     "refinex.text",
     "refinex.evaluation.scores",
     "refinex.evaluation.reliability",
+    "refinex.evaluation.summary",
+    "refinex.evaluation.plots",
     "refinex.quality.checks",
     "refinex.report.html",
     "refinex.promotion",
