@@ -106,6 +106,16 @@ def latest_validation(ctx: StageContext, origin_version: str) -> Optional[dict[s
     return None
 
 
+def _drop_alias_if_at(client: Any, name: str, alias: str, version: str) -> None:
+    import mlflow
+
+    try:
+        if str(client.get_model_version_by_alias(name, alias).version) == version:
+            client.delete_registered_model_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        pass
+
+
 def _record(client: Any, name: str, version: str, decision: Decision, run_id: str, reason: Optional[str]) -> None:
     tags = {
         "decision": decision.outcome, "reason": decision.reason, "gates": decision.gates_json(),
@@ -155,6 +165,7 @@ def promote_model(
     decision = decide(chosen, candidate_eval, champion, champion_eval, config.promote, force, reason, validation)
     if decision.outcome == CHAMPION:
         client.set_registered_model_alias(name, champion_alias, chosen)
+        _drop_alias_if_at(client, name, config.promote.challenger_alias, chosen)  # no longer a challenger
     elif decision.outcome == CHALLENGER:
         client.set_registered_model_alias(name, config.promote.challenger_alias, chosen)
     if decision.gates or decision.forced:

@@ -215,7 +215,11 @@ def demo(spark: SparkSession, spark_config: Config, tmp_path_factory: pytest.Tem
 
     workdir = str(tmp_path_factory.mktemp("notebooks") / "work")
     result = run_pipeline(spark, spark_config, workdir, str(SAMPLE), limit=6)
-    assert result["train"]["version"] == "1" and result["train"]["champion_version"] == "1"
+    assert result["train"]["version"] == "1" and result["promote"]["decision"] in ("champion", "challenger")
+    if result["promote"]["decision"] != "champion":  # the registry notebook shows a champion
+        from refinex.spark.registry import run_stage
+
+        run_stage("promote", spark, spark_config, workdir, version=1, force=True, reason="notebook demo")
     yield {"workdir": workdir, "result": result, "params": {"workdir": workdir, "profile": "test"}}
     spark.catalog.setCurrentDatabase("default")  # attach() made the tables' schema current
 
@@ -267,9 +271,10 @@ def test_model_registry_notebook(spark: SparkSession, demo: dict[str, Any]) -> N
     stats = ns["version_stats"]
     assert list(stats["origin_version"]) == ["refinex-refiner/1"] and int(stats["documents"][0]) == 6
     assert (Path(demo["workdir"]) / "reports" / "notebooks" / "model_versions.png").stat().st_size > 1000
+    assert versions.loc[0, "decision"] == "champion"
     # Promoting the champion again is a no-op that works.
     ns = run_notebook(MODEL_REGISTRY, {**demo["params"], "promote_version": "1"}, spark=spark, quiet=True)
-    assert ns["promotion"]["version"] == "1" and ns["promotion"]["previous"] == "1"
+    assert ns["promotion"]["decision"] == "unchanged" and ns["promotion"]["previous_champion"] == "1"
     assert ns["versions"].loc[0, "champion"]
     with pytest.raises(NotebookError, match="no version 9"):
         run_notebook(MODEL_REGISTRY, {**demo["params"], "promote_version": "9"}, spark=spark, quiet=True)

@@ -81,9 +81,13 @@ def test_promotion_is_gated_on_evaluation(spark: SparkSession, spark_config: Con
 
     forced = run_stage("promote", spark, spark_config, workdir, version=2, force=True, reason="rollback drill")
     assert forced["decision"] == "champion" and _alias(registry, "champion") == "2"
+    assert _alias(registry, "challenger") == "4"
     tags = decision_tags(registry, NAME, "2")
     assert (tags["forced"], tags["force_reason"]) == ("true", "rollback drill")
     assert tags["reason"].startswith("forced: rollback drill (failed gates: beats_champion)")
+    # a challenger that becomes champion is no longer the challenger
+    run_stage("promote", spark, spark_config, workdir, version=4, force=True, reason="drill")
+    assert set(registry.get_registered_model(NAME).aliases) == {"champion"} and _alias(registry, "champion") == "4"
 
 
 def test_promote_without_a_registry_is_an_error(spark: SparkSession, spark_config: Config, workdir: str) -> None:
