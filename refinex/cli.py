@@ -263,9 +263,10 @@ def _register_commands() -> None:
     _command(
         "pipeline",
         "Run the whole flow and print both program origins side by side.\n\n"
-        "ingest -> expert -> distill -> apply -> stats (the distilled oracle), then sft_pairs -> train -> refine "
-        "-> apply -> stats with the refine model. The default trains model.base (tiny) on this run's distilled "
-        "programs; --model or --skip-train reuse a model.",
+        "ingest -> expert -> distill -> apply -> stats -> validate -> evaluate (the distilled oracle), then "
+        "sft_pairs -> train -> refine -> apply -> stats -> validate -> evaluate with the refine model, and promote "
+        "(gated). The default trains model.base (tiny) on this run's distilled programs; --model or --skip-train "
+        "reuse a model (no promotion). Exits 1 when a quality gate fails, after writing everything else.",
         (*INGEST.params, *EXPERT_PARAMS, BASE_PARAM,
          Param("model", "Refine with this model instead of training one: models:/NAME@ALIAS, models:/NAME/N or a "
                "checkpoint folder."),
