@@ -185,3 +185,30 @@ def test_stats_stage_one_row_per_document(
     plot = Path(stats["plot"])
     assert plot.parent == Path(workdir) / "reports" and plot.suffix == ".png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_origins_resolve_from_what_was_run(spark: SparkSession, spark_config: Config, workdir: str,
+                                           tmp_path: Path) -> None:
+    """Programs of another expert than the configured one (a run with --expert llm): apply,
+    stats and export pick that version, accept its label, and every exported row has a status."""
+    import json
+
+    from refinex.versions import version_label
+
+    version = "llm:qwen-7b+refine_v1-abc"
+    merge_into(spark, workdir, "documents", _documents(spark, [
+        ("a", f"Menu\n{LONG_LINE}", None), ("b", LONG_LINE, None), ("c", "never refined", None)]))
+    merge_into(spark, workdir, "programs", _programs(spark, version, [("a", "remove_lines(0, 0)"), ("b", "keep_all()")]))
+    applied = run_stage("apply", spark, spark_config, workdir)  # configured expert: trafilatura
+    assert applied["origin_version"] == version and applied["by_status"] == {
+        "no_program": 1, "refined": 1, "unchanged": 1}
+    stats = run_stage("stats", spark, spark_config, workdir, origin="distilled", origin_version=version_label(version))
+    assert stats["origin_version"] == version
+    merge_into(spark, workdir, "documents", _documents(spark, [("d", "ingested after apply", None)]))
+    out = tmp_path / "export.jsonl"
+    exported = run_stage("export", spark, spark_config, workdir, output=str(out), origin="distilled")
+    assert exported["origin_version"] == version and exported["version_label"] == version_label(version)
+    records = {r["doc_id"]: r["status"] for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert records == {"a": "refined", "b": "unchanged", "c": "no_program", "d": "no_program"}
+    with pytest.raises(LookupError, match="no version 'llm@000000'"):
+        run_stage("stats", spark, spark_config, workdir, origin="distilled", origin_version="llm@000000")
