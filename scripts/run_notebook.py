@@ -23,9 +23,10 @@ import time
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from refinex.notebook.context import LOCAL_PROFILE, LOCAL_WORKDIR, env_name, running, text_of
+from refinex.spark.views import split_statements, sql_segments
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -155,62 +156,6 @@ def parse_notebook(text: str) -> list[Cell]:
     return cells
 
 
-def _scan_sql(sql: str) -> Iterator[tuple[str, str]]:
-    """``(kind, text)`` pieces of SQL: ``code``, ``string`` (quoted, backticks included),
-    ``comment``; quotes honour backslash escapes as Spark SQL does."""
-    i, n, start = 0, len(sql), 0
-    while i < n:
-        ch = sql[i]
-        if ch in "'\"`":
-            if i > start:
-                yield "code", sql[start:i]
-            j = i + 1
-            while j < n and sql[j] != ch:
-                j += 2 if sql[j] == "\\" and ch != "`" else 1
-            yield "string", sql[i : j + 1]
-            i = start = j + 1
-        elif sql.startswith("--", i):
-            if i > start:
-                yield "code", sql[start:i]
-            j = sql.find("\n", i)
-            j = n if j < 0 else j
-            yield "comment", sql[i:j]
-            i = start = j
-        elif sql.startswith("/*", i):
-            if i > start:
-                yield "code", sql[start:i]
-            j = sql.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            yield "comment", sql[i:j]
-            i = start = j
-        else:
-            i += 1
-    if start < n:
-        yield "code", sql[start:]
-
-
-def _split_statements(sql: str) -> list[str]:
-    """Statements of a SQL cell (``;`` outside quotes and comments), empty ones dropped."""
-    statements, current = [], []
-    for kind, piece in _scan_sql(sql):
-        if kind != "code":
-            current.append(piece)
-            continue
-        parts = piece.split(";")
-        for index, part in enumerate(parts):
-            if index > 0:
-                statements.append("".join(current))
-                current = []
-            current.append(part)
-    statements.append("".join(current))
-    out = []
-    for statement in statements:
-        code = "".join(p for k, p in _scan_sql(statement) if k != "comment").strip()
-        if code:
-            out.append(statement.strip())
-    return out
-
-
 _DOLLAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 _MARKER = re.compile(r"(?<![A-Za-z0-9_:\]\)`.]):([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -219,7 +164,7 @@ def sql_parameters(sql: str) -> list[str]:
     """The named parameter markers (``:name``) of a statement, outside quotes and comments
     and not ``::`` casts or ``col:path`` JSON paths."""
     names: list[str] = []
-    for kind, piece in _scan_sql(sql):
+    for kind, piece in sql_segments(sql):
         if kind == "code":
             for match in _MARKER.finditer(piece):
                 if match.group(1) not in names:
@@ -281,7 +226,7 @@ class _Runner:
     def run_sql(self, cell: Cell) -> Any:
         spark = self.namespace["spark"]
         result = None
-        for statement in _split_statements(cell.source):
+        for statement in split_statements(cell.source):
             text, args = _substitute(statement, self.dbutils.widgets)
             result = spark.sql(text, args=args) if args else spark.sql(text)
         if result is not None:

@@ -6,13 +6,13 @@ anywhere. Every document field is untrusted and escaped; only ``http(s)`` URLs b
 """
 from __future__ import annotations
 
-import html
 import re
 from typing import Any, Mapping, Optional, Sequence
 
 # The deletion marks live with the evaluation metrics (refinex.evaluation.reliability), which
 # measure agreement with the same marks; they are re-exported here for the explorer's users.
 from refinex.evaluation.reliability import DeletionMarks, deletion_marks
+from refinex.report.html import escape, mark_spans
 
 __all__ = ["DeletionMarks", "deletion_marks", "render_explorer"]
 
@@ -62,26 +62,9 @@ _STAT_KEYS = (("deletion_ratio", "deletion ratio", "{:.3f}"), ("ops_total", "ops
               ("lines_removed", "lines removed", "{}"), ("chars_removed", "chars removed", "{:,}"))
 
 
-def _e(value: Any) -> str:
-    """Escaped text (every document field is untrusted HTML)."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 def _safe_href(url: Any) -> Optional[str]:
     text = "" if url is None else str(url).strip()
     return text if re.match(r"^https?://", text, re.IGNORECASE) else None
-
-
-def _line_cells(line: str, spans: Sequence[tuple[int, int]]) -> str:
-    if not spans:
-        return _e(line)
-    pieces, cursor = [], 0
-    for start, end in spans:
-        pieces.append(_e(line[cursor:start]))
-        pieces.append(f'<span class="cut">{_e(line[start:end])}</span>')
-        cursor = end
-    pieces.append(_e(line[cursor:]))
-    return "".join(pieces)
 
 
 def _more(hidden: int) -> str:
@@ -95,7 +78,7 @@ def _raw_table(marks: Optional[DeletionMarks], raw: str, max_lines: Optional[int
     for index, line in enumerate(shown):
         spans = marks.spans.get(index, ()) if marks is not None else ()
         css = "del" if marks is not None and index in marks.removed else ("part" if spans else "")
-        rows.append(f'<tr class="{css}"><td class="n">{index}</td><td class="t">{_line_cells(line, spans)}</td></tr>')
+        rows.append(f'<tr class="{css}"><td class="n">{index}</td><td class="t">{mark_spans(line, spans, "span", "cut")}</td></tr>')
     return f'<table class="lines">{"".join(rows)}</table>{_more(len(lines) - len(shown))}'
 
 
@@ -114,7 +97,7 @@ def _plain_table(text: Optional[str], max_lines: Optional[int] = None, ids: Opti
     lines = text.split("\n")
     shown = lines if max_lines is None else lines[:max_lines]
     numbers = ids if ids is not None and len(ids) == len(lines) else range(len(lines))
-    rows = [f'<tr><td class="n">{n}</td><td class="t">{_e(line)}</td></tr>' for n, line in zip(numbers, shown)]
+    rows = [f'<tr><td class="n">{n}</td><td class="t">{escape(line)}</td></tr>' for n, line in zip(numbers, shown)]
     return f'<table class="lines">{"".join(rows)}</table>{_more(len(lines) - len(shown))}'
 
 
@@ -132,10 +115,10 @@ def render_explorer(
     """
     parts = [
         "<!DOCTYPE html>",
-        '<html><head><meta charset="utf-8"><title>', _e(title), "</title><style>", _EXPLORER_CSS,
+        '<html><head><meta charset="utf-8"><title>', escape(title), "</title><style>", _EXPLORER_CSS,
         "</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<div class="sub">{_e(subtitle)}</div>' if subtitle else "",
+        f"<h1>{escape(title)}</h1>",
+        f'<div class="sub">{escape(subtitle)}</div>' if subtitle else "",
         '<div class="legend"><span style="background:#ffebe9;color:#82071e;text-decoration:line-through">'
         'deleted line</span><span class="cut">deleted string</span>'
         '<span style="background:#fff8c5">line with a deleted string</span></div>',
@@ -147,16 +130,16 @@ def render_explorer(
         for doc in docs:
             ratio = doc.get("deletion_ratio")
             extra = f" · {float(ratio):.3f}" if ratio is not None else ""
-            items.append(f'<a href="#{_e(doc.get("doc_id"))}">{_e(doc.get("doc_id"))}</a>'
-                         f'<span class="meta"> {_e(doc.get("status") or "")}{_e(extra)}</span>')
+            items.append(f'<a href="#{escape(doc.get("doc_id"))}">{escape(doc.get("doc_id"))}</a>'
+                         f'<span class="meta"> {escape(doc.get("status") or "")}{escape(extra)}</span>')
         parts.append(f'<div class="index">{"".join(f"<span>{item}</span>" for item in items)}</div>')
     for doc in docs:
         raw = doc.get("text") or ""
         program = doc.get("program")
         marks = deletion_marks(program, raw) if program is not None else None
         status = str(doc.get("status") or (marks.status if marks else ""))
-        meta = [f'<span class="id">{_e(doc.get("doc_id"))}</span>',
-                f'<span class="badge {_e(re.sub(r"[^a-z_]", "", status))}">{_e(status)}</span>']
+        meta = [f'<span class="id">{escape(doc.get("doc_id"))}</span>',
+                f'<span class="badge {escape(re.sub(r"[^a-z_]", "", status))}">{escape(status)}</span>']
         details = [str(doc[k]) for k in ("origin", "origin_version") if doc.get(k)]
         if doc.get("source"):
             details.append(f"source {doc['source']}")
@@ -165,11 +148,11 @@ def render_explorer(
         for key, label, fmt in _STAT_KEYS:
             if doc.get(key) is not None:
                 details.append(f"{label} {fmt.format(doc[key])}")
-        meta.append(f'<span class="meta">{_e(" · ".join(details))}</span>')
+        meta.append(f'<span class="meta">{escape(" · ".join(details))}</span>')
         href = _safe_href(doc.get("url"))
         if doc.get("url"):
-            link = (f'<a href="{_e(href)}" target="_blank" rel="noopener noreferrer nofollow">{_e(doc["url"])}</a>'
-                    if href else _e(doc["url"]))
+            link = (f'<a href="{escape(href)}" target="_blank" rel="noopener noreferrer nofollow">{escape(doc["url"])}</a>'
+                    if href else escape(doc["url"]))
             meta.append(f"<div>{link}</div>")
         notes = []
         if marks is not None and marks.status == "fallback_raw":
@@ -179,14 +162,14 @@ def render_explorer(
             notes.append("dropped: too little text was left, the document was dropped")
         if marks is not None and (marks.rejected or marks.parse_errors):
             notes.append("invalid operations: " + "; ".join([*marks.rejected, *marks.parse_errors]))
-        note_html = "".join(f'<div class="note">{_e(n)}</div>' for n in notes)
+        note_html = "".join(f'<div class="note">{escape(n)}</div>' for n in notes)
         n_lines = len(marks.lines) if marks else len(raw.split("\n"))
         removed = len(marks.removed) if marks else 0
         ids = _kept_ids(marks, doc.get("refined_text"))
-        program_html = (f'<pre class="program">{_e(program)}</pre>' if program is not None
+        program_html = (f'<pre class="program">{escape(program)}</pre>' if program is not None
                         else '<div class="empty">no program</div>')
         parts.append(
-            f'<div class="doc" id="{_e(doc.get("doc_id"))}"><div class="head">{"".join(meta)}</div>{note_html}'
+            f'<div class="doc" id="{escape(doc.get("doc_id"))}"><div class="head">{"".join(meta)}</div>{note_html}'
             '<div class="grid">'
             f'<div class="col"><h3>Raw ({n_lines} lines, {removed} deleted)</h3>'
             f'<div class="scroll">{_raw_table(marks, raw, max_lines)}</div></div>'

@@ -91,9 +91,20 @@ def page_name(doc_id: str) -> str:
 # --- pieces ------------------------------------------------------------------------------------
 
 
-def _e(value: Any) -> str:
+def escape(value: Any) -> str:
     """Escaped text (every document field is untrusted)."""
     return html.escape("" if value is None else str(value), quote=True)
+
+
+def mark_spans(line: str, spans: Sequence[tuple[int, int]], tag: str, css_class: str) -> str:
+    """``line`` escaped, each ``(start, end)`` span wrapped in ``<tag class="css_class">``."""
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces.append(escape(line[cursor:start]))
+        pieces.append(f'<{tag} class="{css_class}">{escape(line[start:end])}</{tag}>')
+        cursor = end
+    pieces.append(escape(line[cursor:]))
+    return "".join(pieces)
 
 
 def _safe_href(url: Any) -> Optional[str]:
@@ -103,7 +114,7 @@ def _safe_href(url: Any) -> Optional[str]:
 
 def _status_badge(status: Optional[str]) -> str:
     text = status or "not applied"
-    return f'<span class="badge {_STATUS_CLASS.sub("", text)}">{_e(text)}</span>'
+    return f'<span class="badge {_STATUS_CLASS.sub("", text)}">{escape(text)}</span>'
 
 
 def _int(value: Any) -> str:
@@ -228,7 +239,7 @@ def _page(title: str, body: Sequence[str], script: str = "") -> str:
     head = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>"
     )
     tail = f"<script>{script}</script>" if script else ""
     return head + "".join(body) + tail + "</body></html>\n"
@@ -245,32 +256,26 @@ def _marks(edit: Optional[OriginEdit], raw: str, guardrails: Any) -> Optional[De
 
 def _line_cell(line: str, index: int, marks: Optional[DeletionMarks], origin: str) -> str:
     """One origin's cell of a raw line: the line struck whole, or its deleted strings struck."""
-    data = f' data-origin="{_e(origin)}"'
+    data = f' data-origin="{escape(origin)}"'
     if marks is not None and index in marks.removed:
-        return f'<td class="t gone"{data}><del class="line">{_e(line)}</del></td>'
+        return f'<td class="t gone"{data}><del class="line">{escape(line)}</del></td>'
     spans = marks.spans.get(index, ()) if marks is not None else ()
     if not spans:
-        return f'<td class="t"{data}>{_e(line)}</td>'
-    pieces, cursor = [], 0
-    for start, end in spans:
-        pieces.append(_e(line[cursor:start]))
-        pieces.append(f'<del class="str">{_e(line[start:end])}</del>')
-        cursor = end
-    pieces.append(_e(line[cursor:]))
-    return f'<td class="t part"{data}>{"".join(pieces)}</td>'
+        return f'<td class="t"{data}>{escape(line)}</td>'
+    return f'<td class="t part"{data}>{mark_spans(line, spans, "del", "str")}</td>'
 
 
 def _stats_table(doc: ReportDocument, origins: Sequence[OriginVersion]) -> str:
     edits = [doc.edit(origin) for origin in origins]
     header = "".join(
-        f'<th scope="col">{_e(o.origin)}<br>'
-        f'<span class="label" title="{_e(o.origin_version)}">{_e(o.label)}</span></th>'
+        f'<th scope="col">{escape(o.origin)}<br>'
+        f'<span class="label" title="{escape(o.origin_version)}">{escape(o.label)}</span></th>'
         for o in origins
     )
 
     def row(name: str, render: Any) -> str:
         cells = "".join(f"<td>{render(e)}</td>" if e is not None else "<td>—</td>" for e in edits)
-        return f'<tr><th scope="row">{_e(name)}</th>{cells}</tr>'
+        return f'<tr><th scope="row">{escape(name)}</th>{cells}</tr>'
 
     def stat(e: OriginEdit, key: str) -> Any:
         return e.stats.get(key)
@@ -329,22 +334,22 @@ def render_document(
     edits = [doc.edit(origin) for origin in origins]
     marks = [_marks(edit, raw, guardrails) for edit in edits]
 
-    nav = [f'<a href="{_e(index_href)}">All documents</a>']
+    nav = [f'<a href="{escape(index_href)}">All documents</a>']
     if prev_href:
-        nav.append(f'<a rel="prev" href="{_e(prev_href)}">← previous</a>')
+        nav.append(f'<a rel="prev" href="{escape(prev_href)}">← previous</a>')
     if next_href:
-        nav.append(f'<a rel="next" href="{_e(next_href)}">next →</a>')
+        nav.append(f'<a rel="next" href="{escape(next_href)}">next →</a>')
     meta = []
     if doc.source:
-        meta.append(f"source {_e(doc.source)}")
+        meta.append(f"source {escape(doc.source)}")
     if doc.shard is not None:
-        meta.append(f"shard {_e(doc.shard)}")
+        meta.append(f"shard {escape(doc.shard)}")
     meta.append(f"{len(raw):,} chars, {len(lines):,} lines")
     href = _safe_href(doc.url)
     if href:
-        meta.append(f'<a href="{_e(href)}" rel="noopener noreferrer nofollow">{_e(doc.url)}</a>')
+        meta.append(f'<a href="{escape(href)}" rel="noopener noreferrer nofollow">{escape(doc.url)}</a>')
     elif doc.url:
-        meta.append(_e(doc.url))
+        meta.append(escape(doc.url))
     notes = [n for origin, edit, m in zip(origins, edits, marks) for n in _notes(origin, edit, m)]
 
     def deleted(m: Optional[DeletionMarks]) -> str:
@@ -352,7 +357,7 @@ def render_document(
         return f"{n:,} line{'' if n == 1 else 's'} deleted"
 
     head = "".join(
-        f'<th scope="col">{_e(o.origin)} <span class="label" title="{_e(o.origin_version)}">{_e(o.label)}</span>'
+        f'<th scope="col">{escape(o.origin)} <span class="label" title="{escape(o.origin_version)}">{escape(o.label)}</span>'
         f" · {deleted(m)}</th>"
         for o, m in zip(origins, marks)
     )
@@ -365,24 +370,24 @@ def render_document(
 
     programs = []
     for origin, edit in zip(origins, edits):
-        program = (f'<pre class="program">{_e(edit.program)}</pre>' if edit is not None and edit.program is not None
+        program = (f'<pre class="program">{escape(edit.program)}</pre>' if edit is not None and edit.program is not None
                    else '<div class="empty">no program</div>')
         refined = ""
         if edit is not None and edit.refined_text is not None:
-            shown = _e(edit.refined_text) if edit.refined_text else '<span class="empty">(empty)</span>'
+            shown = escape(edit.refined_text) if edit.refined_text else '<span class="empty">(empty)</span>'
             refined = (f"<details><summary>refined text ({len(edit.refined_text):,} chars)</summary>"
                        f'<pre class="refined">{shown}</pre></details>')
         programs.append(
-            f'<section class="pane" data-origin="{_e(origin.origin)}"><h2>Program · {_e(origin.origin)} '
-            f'<span class="label">{_e(origin.label)}</span></h2>{program}{refined}</section>'
+            f'<section class="pane" data-origin="{escape(origin.origin)}"><h2>Program · {escape(origin.origin)} '
+            f'<span class="label">{escape(origin.label)}</span></h2>{program}{refined}</section>'
         )
 
     body = [
         f'<nav class="top">{"".join(nav)}</nav>',
-        f'<h1 class="doc-id">{_e(doc.doc_id)}</h1>',
+        f'<h1 class="doc-id">{escape(doc.doc_id)}</h1>',
         f'<div class="meta">{" · ".join(meta)}</div>',
         _stats_table(doc, origins),
-        "".join(f'<div class="note">{_e(n)}</div>' for n in notes),
+        "".join(f'<div class="note">{escape(n)}</div>' for n in notes),
         '<div class="legend"><span style="background:#ffebe9;color:#82071e;text-decoration:line-through">'
         'deleted line</span><span style="background:#ffcecb;color:#82071e;text-decoration:line-through">'
         'deleted string</span><span style="background:#fff8c5">line with a deleted string</span></div>',
@@ -416,8 +421,8 @@ def render_index(
             statuses[key] = statuses.get(key, 0) + 1
         shown = " ".join(f"{_status_badge(k)} {n}" for k, n in sorted(statuses.items()))
         origin_rows.append(
-            f"<tr><td>{_e(origin.origin)}</td><td class=\"label\">{_e(origin.label)}</td>"
-            f"<td class=\"label\">{_e(origin.origin_version)}</td><td>{shown}</td></tr>"
+            f"<tr><td>{escape(origin.origin)}</td><td class=\"label\">{escape(origin.label)}</td>"
+            f"<td class=\"label\">{escape(origin.origin_version)}</td><td>{shown}</td></tr>"
         )
     origins_table = (
         '<table class="summary"><thead><tr><th>origin</th><th>version</th><th>full version</th>'
@@ -425,26 +430,26 @@ def render_index(
     )
     summary_table = ""
     if summary:
-        summary_rows = "".join(f'<tr><th scope="row">{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in summary)
+        summary_rows = "".join(f'<tr><th scope="row">{escape(k)}</th><td>{escape(v)}</td></tr>' for k, v in summary)
         summary_table = f'<table class="summary"><tbody>{summary_rows}</tbody></table>'
 
     columns: list[tuple[str, str]] = [("document", "text"), ("source", "text"), ("chars", "num")]
     for _ in origins:
         columns += [("status", "text"), ("deletion ratio", "num"), ("ops", "num")]
     top = '<th colspan="3" scope="colgroup">document</th>' + "".join(
-        f'<th colspan="3" scope="colgroup">{_e(o.origin)} <span class="label">{_e(o.label)}</span></th>'
+        f'<th colspan="3" scope="colgroup">{escape(o.origin)} <span class="label">{escape(o.label)}</span></th>'
         for o in origins
     )
     sub = "".join(
-        f'<th scope="col" data-sort="{kind}" data-column="{i}">{_e(name)}</th>'
+        f'<th scope="col" data-sort="{kind}" data-column="{i}">{escape(name)}</th>'
         for i, (name, kind) in enumerate(columns)
     )
     body_rows = []
     for doc in docs:
         href = f"{DOCS_FOLDER}/{page_name(doc.doc_id)}"
         cells = [
-            f'<td class="id" data-value="{_e(doc.doc_id)}"><a href="{_e(href)}">{_e(doc.doc_id)}</a></td>',
-            f'<td data-value="{_e(doc.source or "")}">{_e(doc.source or "")}</td>',
+            f'<td class="id" data-value="{escape(doc.doc_id)}"><a href="{escape(href)}">{escape(doc.doc_id)}</a></td>',
+            f'<td data-value="{escape(doc.source or "")}">{escape(doc.source or "")}</td>',
             f'<td class="num" data-value="{len(doc.text or "")}">{len(doc.text or ""):,}</td>',
         ]
         for origin in origins:
@@ -453,7 +458,7 @@ def render_index(
             ratio = edit.stats.get("deletion_ratio") if edit is not None else None
             ops = edit.stats.get("ops_total") if edit is not None else None
             cells += [
-                f'<td data-value="{_e(status)}">{_status_badge(status) if edit is not None else "—"}</td>',
+                f'<td data-value="{escape(status)}">{_status_badge(status) if edit is not None else "—"}</td>',
                 f'<td class="num" data-value="{"" if ratio is None else repr(float(ratio))}">'
                 f"{_ratio(ratio)}{_bar(ratio)}</td>",
                 f'<td class="num" data-value="{"" if ops is None else int(ops)}">{_int(ops)}</td>',
@@ -464,7 +469,7 @@ def render_index(
         f'<tbody>{"".join(body_rows)}</tbody></table>'
     )
     body = [
-        f"<h1>{_e(title)}</h1>",
+        f"<h1>{escape(title)}</h1>",
         summary_table,
         origins_table,
         f'<div class="hint">{len(docs):,} documents. Click a column header to sort.</div>',

@@ -53,7 +53,7 @@ T = TypeVar("T")
 # --- the views' SQL ----------------------------------------------------------------------------
 
 
-def _segments(sql: str) -> Iterator[tuple[str, str]]:
+def sql_segments(sql: str) -> Iterator[tuple[str, str]]:
     """``(kind, text)`` pieces of a SQL script: ``code``, ``quoted`` (string literals and
     quoted identifiers) and ``comment`` (``--`` and ``/* */``). Backslash escapes apply in
     ``'...'`` and ``"..."``, not in raw ``r'...'`` literals nor in backquoted identifiers."""
@@ -92,7 +92,7 @@ def _segments(sql: str) -> Iterator[tuple[str, str]]:
 
 def strip_comments(sql: str) -> str:
     """``sql`` without its comments (literals left as they are)."""
-    return "".join(text for kind, text in _segments(sql) if kind != "comment")
+    return "".join(text for kind, text in sql_segments(sql) if kind != "comment")
 
 
 def split_statements(sql: str) -> list[str]:
@@ -100,7 +100,7 @@ def split_statements(sql: str) -> list[str]:
     identifiers and comments; comments are kept, statements of comments only dropped."""
     statements: list[str] = []
     current: list[str] = []
-    for kind, text in _segments(sql):
+    for kind, text in sql_segments(sql):
         if kind != "code":
             current.append(text)
             continue
