@@ -6,7 +6,9 @@ followed by eos, and prompt positions get the label ``-100``. An example longer 
 ``max_seq_len`` never loses target tokens: it is skipped (default) or its prompt is
 left-truncated (``truncation="left"``), and both are counted. Micro-batches are grouped by
 length; AdamW with warmup and cosine/linear decay, gradient accumulation (the loss is a
-token mean over the whole accumulated batch), bf16 autocast on CUDA (and on CPU when asked: ``precision="bf16"``), otherwise fp32, seeded.
+token mean over the whole accumulated batch), seeded. ``precision="auto"`` trains with bf16 autocast
+where bf16 is native (a CUDA GPU with bf16, a CPU with AVX512-BF16/AMX:
+:mod:`refinex.model.precision`), otherwise in fp32; the choice is in the summary and the params.
 
 ``train`` writes a safetensors checkpoint + tokenizer to ``out_dir`` with
 ``refinex_model.json`` (base, prompt version, train data version, metrics, config) and
@@ -86,7 +88,7 @@ class TrainConfig:
     length_grouping: bool = True
     seed: int = 0
     device: Optional[str] = None  # default: "cuda" when available, else "cpu"
-    precision: str = "auto"  # "auto" (bf16 on CUDA with bf16 support, else fp32), "bf16" (CUDA or CPU), "fp32"
+    precision: str = "auto"  # "auto" (bf16 where native: refinex.model.precision), "bf16", "fp32"
     gradient_checkpointing: bool = False
     validation_fraction: Optional[float] = None  # re-split by doc id; None = the pairs' split
     train_data_version: Optional[str] = None
@@ -161,6 +163,7 @@ class TrainResult:
     config: TrainConfig
     plot_path: Optional[Path] = None
     train_data_version: Optional[str] = None
+    precision_reason: str = ""  # why ``precision`` was chosen (refinex.model.precision)
 
     @property
     def final_train_loss(self) -> Optional[float]:
@@ -194,7 +197,8 @@ class TrainResult:
             f"refinex train: {self.steps} steps, {self.epochs_completed:.2f} epochs, "
             f"{self.n_train_pairs} train / {self.n_validation_pairs} validation pairs "
             f"({self.n_skipped} skipped, {self.n_truncated} truncated), train loss {train_loss}, "
-            f"validation loss {val}, {self.seconds:.1f}s on {self.device} ({self.precision}) "
+            f"validation loss {val}, {self.seconds:.1f}s on {self.device} "
+            f"({self.precision}{': ' + self.precision_reason if self.precision_reason else ''}) "
             f"-> {self.out_dir}"
         )
 
@@ -317,19 +321,14 @@ def target_loss_sum(model: Any, input_ids: Any, attention_mask: Any, labels: Any
     return loss, n_tokens
 
 
-def _resolve_device_and_precision(config: TrainConfig) -> tuple[Any, str]:
+def _resolve_device_and_precision(config: TrainConfig) -> tuple[Any, str, str]:
     import torch
 
+    from refinex.model.precision import resolve_precision
+
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if config.precision == "fp32":
-        return device, "fp32"
-    if config.precision == "bf16":
-        # CUDA needs bf16 support; on CPU autocast runs bf16 matmuls through oneDNN (fast on
-        # CPUs with AVX512-BF16/AMX, emulated elsewhere) with fp32 master weights.
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"precision 'bf16' needs a CUDA device with bf16 support, got {device}")
-        return device, "bf16"
-    return device, "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    choice = resolve_precision(config.precision, device)
+    return device, choice.precision, choice.reason
 
 
 def evaluate_loss(
@@ -398,7 +397,7 @@ def train(
     started = time.perf_counter()
     train_pairs, validation_pairs = split_pairs(pairs, config.validation_fraction)
     base_path = prepare_base(base)
-    device, precision = _resolve_device_and_precision(config)
+    device, precision, precision_reason = _resolve_device_and_precision(config)
     torch.manual_seed(config.seed)
     model, tokenizer = load_checkpoint(base_path)
     model.to(device)
@@ -504,6 +503,7 @@ def train(
         seconds=0.0,
         device=str(device),
         precision=precision,
+        precision_reason=precision_reason,
         config=config,
         train_data_version=config.train_data_version,
     )
@@ -550,6 +550,7 @@ def _write_model_info(out: Path, result: TrainResult) -> None:
         "config": result.config.to_dict(),
         "device": result.device,
         "precision": result.precision,
+        "precision_reason": result.precision_reason,
         "versions": {
             "refinex": __version__,
             "torch": torch.__version__,

@@ -90,6 +90,6 @@ def tiny_trained(tiny_model_dir: Path, tiny_sft_pairs: list, tmp_path_factory: p
 
     config = TrainConfig(
         max_steps=30, lr=3e-3, batch_size=8, max_seq_len=1024, eval_every=10, seed=5,
-        warmup_steps=2, progress=False, train_data_version="sft_pairs@3",
+        warmup_steps=2, progress=False, train_data_version="sft_pairs@3", precision="fp32",
     )
     return train(tiny_sft_pairs, str(tiny_model_dir), tmp_path_factory.mktemp("trained") / "model", config)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from refinex.model import train as train_module
 from refinex.model.bases import load_checkpoint
 from refinex.model.prompts import PROMPT_VERSION, build_prompt, build_target
+from refinex.model.precision import cpu_has_native_bf16
 from refinex.model.sft import SftPair, split_pairs
 from refinex.model.train import (
     IGNORE_INDEX,
@@ -124,7 +126,8 @@ def test_training_lowers_the_loss_and_writes_a_checkpoint(tiny_trained, tiny_mod
 
 
 def test_training_is_deterministic(tiny_model_dir: Path, tiny_sft_pairs: list, tmp_path: Path) -> None:
-    config = TrainConfig(max_steps=3, lr=1e-3, batch_size=4, max_seq_len=1024, progress=False, plot=False)
+    config = TrainConfig(max_steps=3, lr=1e-3, batch_size=4, max_seq_len=1024, progress=False, plot=False,
+                         precision="fp32")
     first = train(tiny_sft_pairs, str(tiny_model_dir), tmp_path / "a", config)
     second = train(tiny_sft_pairs, str(tiny_model_dir), tmp_path / "b", config)
     assert first.train_losses == second.train_losses
@@ -133,7 +136,8 @@ def test_training_is_deterministic(tiny_model_dir: Path, tiny_sft_pairs: list, t
 
 
 def test_gradient_accumulation_is_a_token_mean_over_the_step(tiny_model_dir: Path, tiny_sft_pairs: list, tmp_path: Path) -> None:
-    common = dict(max_steps=2, lr=1e-3, max_seq_len=1024, progress=False, plot=False, length_grouping=False, warmup_steps=0)
+    common = dict(max_steps=2, lr=1e-3, max_seq_len=1024, progress=False, plot=False, length_grouping=False, warmup_steps=0,
+                  precision="fp32")
     whole = train(tiny_sft_pairs, str(tiny_model_dir), tmp_path / "a", TrainConfig(batch_size=8, grad_accum=1, **common))
     split = train(tiny_sft_pairs, str(tiny_model_dir), tmp_path / "b", TrainConfig(batch_size=4, grad_accum=2, **common))
     assert split.train_losses == pytest.approx(whole.train_losses, rel=1e-4)
@@ -175,8 +179,11 @@ def test_config_validation() -> None:
             TrainConfig(**bad)
     with pytest.raises(ValueError):
         TrainConfig(eval_max_pairs=0)
-    assert _resolve_device_and_precision(TrainConfig(precision="bf16", device="cpu"))[1] == "bf16"
-    assert _resolve_device_and_precision(TrainConfig(device="cpu"))[1] == "fp32"
+    with warnings.catch_warnings():  # bf16 is emulated (and warns) on CPUs without AVX512-BF16/AMX
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert _resolve_device_and_precision(TrainConfig(precision="bf16", device="cpu"))[1] == "bf16"
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert _resolve_device_and_precision(TrainConfig(device="cpu"))[1] == native
 
 
 def test_evenly_spaced_subset() -> None:
@@ -188,13 +195,14 @@ def test_bf16_autocast_training_on_cpu(tiny_model_dir: Path, tiny_sft_pairs: lis
     """bf16 on the CPU: the loss still falls, master weights stay fp32, the subset bounds eval."""
     config = TrainConfig(max_steps=12, lr=1e-3, batch_size=4, max_seq_len=1024, precision="bf16", eval_max_pairs=3,
                          progress=False, plot=False)
-    result = train(tiny_sft_pairs, str(tiny_model_dir), tmp_path / "m", config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 emulated on CPUs without it
+        result = train(tiny_sft_pairs, str(tiny_model_dir), tmp_path / "m", config)
     assert result.precision == "bf16" and result.device == "cpu"
     assert result.n_validation_pairs == 3
     assert result.validation_loss < result.eval_losses[0][1]
     model, _ = load_checkpoint(result.out_dir)
     assert next(model.parameters()).dtype == torch.float32
-    assert _resolve_device_and_precision(TrainConfig(device="cpu"))[1] == "fp32"
 
 
 def test_moving_average_of_the_loss_curve() -> None:

@@ -127,19 +127,16 @@ class HFBackend:
         **options: Any,
     ) -> "HFBackend":
         """Load a local checkpoint directory (offline). Defaults: CUDA + bfloat16 (float16 on
-        GPUs without bf16) when a GPU is present, else CPU + float32."""
+        GPUs without bf16) when a GPU is present, else CPU + float32; ``dtype="auto"`` is
+        bfloat16 wherever it is native (:func:`refinex.model.precision.torch_dtype_for`)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from refinex.model.precision import torch_dtype_for
+
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None:
-            if str(device).startswith("cuda"):
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            else:
-                dtype = torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = torch_dtype_for(dtype, str(device))
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
         if attn_implementation:
