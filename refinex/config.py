@@ -45,6 +45,7 @@ DELTA_MODES = (DELTA_LOCAL, DELTA_CLUSTER)
 JAR_RESOLVERS = ("auto", "spark", "maven")
 INPUT_FORMATS = ("auto", "jsonl", "parquet")
 REFINE_BACKENDS = ("transformers", "vllm", "openai")
+MODEL_HEADS = ("generate", "tag")  # the refine model writes programs token by token, or tags lines
 
 
 class ConfigError(ValueError):
@@ -189,8 +190,11 @@ class ModelConfig:
     registered_name: str = "refinex-refiner"
     champion_alias: str = "champion"
     eval_chunks: int = 32
+    head: str = "generate"
 
     def validate(self) -> None:
+        if self.head not in MODEL_HEADS:
+            raise ConfigError(f"model.head must be one of {MODEL_HEADS}, got {self.head!r}")
         if not isinstance(self.eval_chunks, int) or self.eval_chunks < 0:
             raise ConfigError(f"model.eval_chunks must be >= 0, got {self.eval_chunks!r}")
         if not self.base:
@@ -337,23 +341,35 @@ class PromoteConfig:
             raise ConfigError("promote.challenger_alias must not be empty")
 
 
+def _validate_tag(settings: Mapping[str, Any]) -> None:
+    """``tag`` holds :class:`refinex.model.tagging.train.TagTrainConfig` fields."""
+    from refinex.model.tagging.train import TagTrainConfig
+
+    _validate_settings(TagTrainConfig, settings, "tag")
+
+
 def _validate_train(settings: Mapping[str, Any]) -> None:
     """``train`` holds :class:`refinex.model.train.TrainConfig` fields: keys and types checked."""
     from refinex.model.train import TrainConfig
 
-    known = {f.name for f in fields(TrainConfig)}
-    hints = _hints(TrainConfig)
+    _validate_settings(TrainConfig, settings, "train")
+
+
+def _validate_settings(cls: Any, settings: Mapping[str, Any], section: str) -> None:
+    """A free-form section of ``cls`` fields: keys, scalar types and ``cls.from_dict`` checked."""
+    known = {f.name for f in fields(cls)}
+    hints = _hints(cls)
     for name, value in settings.items():
         if name not in known:
-            raise ConfigError(_unknown(str(name), known), key=f"train.{name}")
-        _check_scalar(hints[name], value, f"train.{name}")
+            raise ConfigError(_unknown(str(name), known), key=f"{section}.{name}")
+        _check_scalar(hints[name], value, f"{section}.{name}")
     try:
-        TrainConfig.from_dict(settings)
+        cls.from_dict(settings)
     except (TypeError, ValueError) as exc:
         word, _, rest = str(exc).partition(" ")
         if word in known and rest:  # "truncation must be one of ...": name the setting
-            raise ConfigError(rest, key=f"train.{word}") from exc
-        raise ConfigError(str(exc), key="train") from exc
+            raise ConfigError(rest, key=f"{section}.{word}") from exc
+        raise ConfigError(str(exc), key=section) from exc
 
 
 @dataclass(frozen=True)
@@ -371,6 +387,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     train: dict[str, Any] = field(default_factory=dict)
+    tag: dict[str, Any] = field(default_factory=dict)
     refine: RefineConfig = field(default_factory=RefineConfig)
     tables: TablesConfig = field(default_factory=TablesConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
@@ -386,6 +403,7 @@ class Config:
         ):
             section.validate()
         _validate_train(self.train)
+        _validate_tag(self.tag)
         return self
 
     def to_dict(self) -> dict[str, Any]:

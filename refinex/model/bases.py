@@ -72,7 +72,7 @@ class BaseProfile:
 
     def fingerprint(self) -> str:
         """Stable hash of what the build depends on (not the ``train`` defaults)."""
-        build = {k: v for k, v in self.settings.items() if k != "train"}
+        build = {k: v for k, v in self.settings.items() if k not in ("train", "tag")}
         blob = json.dumps({"name": self.name, "kind": self.kind, **build}, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -125,6 +125,17 @@ def train_defaults(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
     """``TrainConfig`` defaults of a base profile (``{}`` for a checkpoint path)."""
     name = str(name_or_path)
     return load_profile(name).train_defaults if name in list_profiles() else {}
+
+
+def tag_defaults(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Tagging-head defaults of a base profile (its ``tag`` section; ``{}`` for a path)."""
+    name = str(name_or_path)
+    if name not in list_profiles():
+        return {}
+    section = load_profile(name).settings.get("tag") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"profile {name!r}: 'tag' must be a mapping")
+    return dict(section)
 
 
 def is_checkpoint_dir(path: Path) -> bool:

@@ -25,13 +25,14 @@ from refinex.evaluation.scores import ratio
 from refinex.program import parse
 from refinex.program.ops import KeepAll, Program, RemoveLines
 
-__all__ = ["LineTagger", "line_labels", "program_from_labels"]
+__all__ = ["LAYOUT_FEATURES", "LineTagger", "layout_features", "line_labels", "program_from_labels"]
 
 FORMAT = "refinex-line-tagger"
 FORMAT_VERSION = 1
 _PUNCT = frozenset(string.punctuation) | frozenset("«»“”‘’•·–—…|›‹")
 _SENTENCE_END = tuple(".!?:;\"'”’)")
 _SEPARATORS = frozenset("|•·»›/>")
+LAYOUT_FEATURES = 20  # columns of layout_features
 _URL_MARKERS = ("http://", "https://", "www.", ".com", ".html", "@")
 
 ProgramLike = Union[Program, str]
@@ -63,12 +64,12 @@ def program_from_labels(removed: Sequence[bool]) -> Program:
     return Program(tuple(ops)) if ops else Program((KeepAll(),))
 
 
-def _dense_features(lines: Sequence[str]) -> np.ndarray:
+def layout_features(lines: Sequence[str]) -> np.ndarray:
     """Layout features of every line of one document (roughly scaled to [0, 1])."""
     n = len(lines)
     lengths = [len(line) for line in lines]
     counts = Counter(line.strip() for line in lines)
-    rows = np.zeros((n, 20), dtype=np.float64)
+    rows = np.zeros((n, LAYOUT_FEATURES), dtype=np.float64)
     for i, line in enumerate(lines):
         stripped = line.strip()
         size = len(line)
@@ -158,7 +159,7 @@ class LineTagger:
 
         flat = [line for lines in docs_lines for line in lines]
         text = self._vectorizer().transform(flat)
-        dense = np.vstack([_dense_features(lines) for lines in docs_lines if lines]) if flat else np.zeros((0, 20))
+        dense = np.vstack([layout_features(lines) for lines in docs_lines if lines]) if flat else np.zeros((0, LAYOUT_FEATURES))
         return sparse.hstack([text, sparse.csr_matrix(dense * self.dense_weight)], format="csr")
 
     def fit(self, docs: Sequence[tuple[str, ProgramLike]]) -> "LineTagger":

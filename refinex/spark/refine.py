@@ -20,8 +20,10 @@ and the counts of invalid output go to ``model_outputs``.
 name plus a weights digest for local checkpoints, with ``+unconstrained`` appended when
 constrained decoding is off (``+minp<p>`` when ``refine.options.min_op_prob`` drops the
 operations the model is unsure of, ``+vote<n>t<threshold>[b<below>]`` when
-``refine.options.votes`` decides unsure chunks by a line vote over sampled programs). Documents that already have a program of that version are
-skipped unless ``force``.
+``refine.options.votes`` decides unsure chunks by a line vote over sampled programs), or
+``+tag<threshold>`` for a tagging-head model (its head is read from the checkpoint's
+``refinex_model.json``; the backend is then ``TagBackend``, one forward pass per chunk).
+Documents that already have a program of that version are skipped unless ``force``.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, MODEL_OUTPUTS, ORIGIN_MODEL, PROGRAMS, STAGE_RUNS
 from refinex.locations import is_local, local_path
 from refinex.spark.train import models_dir, tracking_uri_for
+from refinex.model.train import read_model_info
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +114,20 @@ def _weights_digest(checkpoint: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def decoding_suffix(config: Config, constrained: bool) -> str:
+def decoding_suffix(config: Config, constrained: bool, model_info: Optional[Mapping[str, Any]] = None) -> str:
     """What ``origin_version`` appends for the decoding: ``+unconstrained``, ``+minp<p>``
     when operations under ``refine.options.min_op_prob`` are dropped, ``+vote<n>t<t>``
     (``b<below>`` when not every chunk is voted on) for line-vote decoding, else nothing.
-    The sampling temperature and top_p of the votes are part of it when not 1."""
+    The sampling temperature and top_p of the votes are part of it when not 1. A tagging-head
+    model (``model_info``: its ``refinex_model.json``) gets ``+tag<threshold>``: the threshold
+    recorded at training or ``refine.options.threshold``."""
+    options = config.refine.options
+    if model_info and model_info.get("head") == "tag":
+        threshold = options.get("threshold")
+        chosen = float(model_info["tag"]["threshold"]) if threshold is None else float(threshold)
+        return f"+tag{chosen:g}"
     if not constrained:
         return UNCONSTRAINED_SUFFIX
-    options = config.refine.options
     min_prob = float(options.get("min_op_prob") or 0.0)
     suffix = f"+minp{min_prob:g}" if min_prob > 0 else ""
     votes = int(options.get("votes") or 0)
@@ -142,19 +151,22 @@ def resolve_model(config: Config, workdir: str, model_uri: str, constrained: boo
     """
     from refinex.tracking import resolve_model_uri
 
-    suffix = decoding_suffix(config, constrained)
+    def suffix(checkpoint: Path) -> str:
+        return decoding_suffix(config, constrained, read_model_info(checkpoint))
+
     if is_local(model_uri):
         local = local_path(model_uri)
         if not local.is_dir():
             raise FileNotFoundError(f"model {model_uri}: not a directory, nor a models:/ URI")
         checkpoint = resolve_model_uri(str(local.resolve()), models_dir(workdir))
-        return ResolvedModel(str(checkpoint), checkpoint, f"{checkpoint.name}@{_weights_digest(checkpoint)}{suffix}")
+        return ResolvedModel(str(checkpoint), checkpoint,
+                             f"{checkpoint.name}@{_weights_digest(checkpoint)}{suffix(checkpoint)}")
     tracking_uri = tracking_uri_for(config, workdir)
     match = _MODELS_URI.match(model_uri)
     if match is None:
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_uri).strip("_")[:120]
         checkpoint = resolve_model_uri(model_uri, models_dir(workdir) / "uri" / safe, tracking_uri=tracking_uri)
-        return ResolvedModel(model_uri, checkpoint, f"{model_uri}{suffix}", tracking_uri=tracking_uri,
+        return ResolvedModel(model_uri, checkpoint, f"{model_uri}{suffix(checkpoint)}", tracking_uri=tracking_uri,
                              registry_uri=config.model.registry_uri)
     from mlflow import MlflowClient
 
@@ -176,7 +188,8 @@ def resolve_model(config: Config, workdir: str, model_uri: str, constrained: boo
         shutil.rmtree(target, ignore_errors=True)
         checkpoint = resolve_model_uri(pinned, target, tracking_uri=tracking_uri, registry_uri=registry_uri)
         (target / _SOURCE_FILE).write_text(str(model_version.source), encoding="utf-8")
-    return ResolvedModel(pinned, checkpoint, f"{name}/{version}{suffix}", name, version, tracking_uri, registry_uri)
+    return ResolvedModel(pinned, checkpoint, f"{name}/{version}{suffix(checkpoint)}", name, version, tracking_uri,
+                         registry_uri)
 
 
 def _cached_checkpoint(target: Path, source: str) -> Optional[Path]:

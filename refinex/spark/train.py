@@ -6,6 +6,11 @@ program tokens only). The base is ``model.base`` (or the ``base`` argument): a p
 ``conf/model/`` or a checkpoint path, prepared exactly as the ``sft_pairs`` stage prepared
 it; training settings are the base's defaults overridden by the ``train`` section.
 
+With ``model.head: tag`` the tagging head is trained instead
+(``refinex.model.tagging.train.train_tagger`` on the pairs' chunks; settings from the
+``tag`` section over the base's ``tag`` defaults), and the registry version is tagged
+``head=tag`` with its cross-validated ``tag_threshold``.
+
 The run is logged to MLflow (``refinex.tracking.log_training_run``: params, loss curve,
 validation loss, the model) with the training data version ``sft_pairs@<Delta version>``,
 plus program-level validation metrics from generation on ``model.eval_chunks`` validation
@@ -24,7 +29,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -39,9 +44,11 @@ log = logging.getLogger(__name__)
 
 STAGE = "train"
 FINGERPRINT_TAG = "train_fingerprint"
+HEAD_VERSION_TAG = "head"  # registry version tag: generate or tag
+HEAD_TAG = "tag"
 # Settings that do not change the trained weights (left out of the fingerprint).
 _NON_MODEL_SETTINGS = ("progress", "plot", "train_data_version", "eval_every", "eval_batch_size", "eval_max_pairs",
-                       "device")
+                       "device", "eval_max_chunks", "forward_batch", "forward_tokens", "feature_cache")
 _PAIR_COLUMNS = (
     "doc_id", "chunk_idx", "split", "prompt", "target", "start_line", "end_line", "n_prompt_tokens",
     "truncated_lines", "origin_version", "base_tokenizer",
@@ -158,6 +165,21 @@ def evaluate_checkpoint(spark: SparkSession, config: Config, tables: "TableResol
     return _validation_metrics(config, checkpoint, _eval_examples(spark, tables, ordered, config.model.eval_chunks))
 
 
+def _train_tag_head(
+    ctx: StageContext, rows: Sequence[Any], checkpoint: Path, out_dir: Path, settings: dict[str, Any],
+    data_version: str,
+) -> Any:
+    """The tagging head trained on the pairs' chunks (their documents' raw lines)."""
+    from refinex.model.tagging.train import TagTrainConfig, tag_examples, train_tagger
+
+    ids = sorted({r["doc_id"] for r in rows})
+    wanted = ctx.spark.createDataFrame([(i,) for i in ids], "doc_id string")
+    texts = dict(ctx.read(DOCUMENTS).join(F.broadcast(wanted), "doc_id").select("doc_id", "text").collect())
+    tag_settings = {k: v for k, v in settings.items() if k != "head"}
+    config = TagTrainConfig.from_dict({**tag_settings, "train_data_version": data_version})
+    return train_tagger(tag_examples([r.asDict() for r in rows], texts), str(checkpoint), out_dir, config)
+
+
 def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = False) -> dict[str, Any]:
     """Train, log and register a refine model from ``sft_pairs``; returns statistics with
     ``model_uri`` = ``models:/<name>/<version>``."""
@@ -185,7 +207,13 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
         )
     name = config.model.registered_name
     data_version_text = f"{SFT_PAIRS}@{data_version}"
-    settings = TrainConfig.for_base(base_name, config.train).to_dict()
+    head = config.model.head
+    if head == HEAD_TAG:
+        from refinex.model.tagging.train import TagTrainConfig
+
+        settings = {"head": head, **TagTrainConfig.for_base(base_name, config.tag).to_dict()}
+    else:
+        settings = TrainConfig.for_base(base_name, config.train).to_dict()
     base_identity = json.dumps({"dir": checkpoint.name, "info": read_base_info(checkpoint), "tok": base_tokenizer},
                                sort_keys=True)
     fp = fingerprint(rows, base_identity, settings)
@@ -195,7 +223,7 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
     stats: dict[str, Any] = {
         "base": base_name, "base_tokenizer": base_tokenizer, "sft_origin_version": sft_version,
         "train_data_version": data_version_text, "tracking_uri": uri, "registered_name": name,
-        "train_fingerprint": fp, "reused": reused is not None,
+        "train_fingerprint": fp, "reused": reused is not None, "head": head,
     }
     if reused is not None:
         log.info("train: version %s of %s was trained on the same pairs and settings; reusing it", reused, name)
@@ -203,21 +231,25 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
     else:
         run_dir = models_dir(workdir) / "train" / run_id
         out_dir = run_dir / "checkpoint"  # also the artifact's folder name in MLflow
-        train_config = TrainConfig.from_dict({**settings, "train_data_version": data_version_text})
         try:
-            result = train([r.asDict() for r in rows], str(checkpoint), out_dir, train_config)
+            if head == HEAD_TAG:
+                result = _train_tag_head(ctx, rows, checkpoint, out_dir, settings, data_version_text)
+            else:
+                train_config = TrainConfig.from_dict({**settings, "train_data_version": data_version_text})
+                result = train([r.asDict() for r in rows], str(checkpoint), out_dir, train_config)
             examples = _eval_examples(spark, ctx.tables, rows, config.model.eval_chunks)
             val_metrics = _validation_metrics(config, out_dir, examples)
             logged = log_training_run(
                 result,
                 params={"base_name": base_name, "base_tokenizer": base_tokenizer, "sft_origin_version": sft_version,
-                        FINGERPRINT_TAG: fp, "workdir": workdir, "max_tokens": config.chunking.max_tokens},
+                        FINGERPRINT_TAG: fp, "workdir": workdir, "max_tokens": config.chunking.max_tokens,
+                        "head": head},
                 data_version=data_version_text,
                 tracking_uri=uri,
                 workdir=_local_workdir(workdir),
                 experiment=config.model.experiment,
                 model_name=name,
-                tags={"refinex.train_fingerprint": fp, "refinex.base_name": base_name},
+                tags={"refinex.train_fingerprint": fp, "refinex.base_name": base_name, "refinex.head": head},
                 registry_uri=registry_uri,
             )
         finally:
@@ -227,7 +259,9 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
             client.log_metric(logged.run_id, key, value, step=result.steps)
         assert logged.version is not None
         extra_tags = {FINGERPRINT_TAG: fp, "base_name": base_name, "sft_origin_version": sft_version,
-                      **{k: f"{v:.6g}" for k, v in val_metrics.items()}}
+                      HEAD_VERSION_TAG: head, **{k: f"{v:.6g}" for k, v in val_metrics.items()}}
+        if head == HEAD_TAG:
+            extra_tags["tag_threshold"] = f"{result.threshold:g}"
         for key, value in extra_tags.items():
             client.set_model_version_tag(name, logged.version, key, value)
         stats.update(
@@ -236,12 +270,28 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
             skipped_pairs=result.n_skipped, final_train_loss=result.final_train_loss,
             initial_validation_loss=result.eval_losses[0][1] if result.eval_losses else None,
             validation_loss=result.validation_loss, train_seconds=round(result.seconds, 1),
-            device=result.device, **val_metrics,
+            device=result.device, precision=result.precision, precision_reason=result.precision_reason,
+            **val_metrics,
         )
+        if head == HEAD_TAG:
+            stats.update(threshold=result.threshold, threshold_source=result.threshold_source,
+                         cv_kept_char_f1=result.cv_kept_char_f1,
+                         validation_kept_char_f1=result.validation_kept_char_f1)
     stats["champion_version"] = get_alias_version(name, config.model.champion_alias, tracking_uri=uri,
                                                   registry_uri=registry_uri)
     ctx.record(base=base_name, force=force, train=settings, tracking_uri=uri)
     return stats
+
+
+HEAD_PARAM = Param(
+    "head", "generate (the program written token by token) or tag (one forward pass tags the lines to delete); "
+    "default: model.head of the profile.", configures=True)
+
+
+def _configure_head(config: Config, values: Mapping[str, Any]) -> Config:
+    """``--head`` sets ``model.head``."""
+    head = values.get("head")
+    return config if head is None else config.with_overrides({"model.head": head})
 
 
 TRAIN = Stage(
@@ -250,8 +300,9 @@ TRAIN = Stage(
     reads=(SFT_PAIRS, DOCUMENTS, PROGRAMS),
     writes=(),
     transform=train_model,
-    params=(BASE_PARAM, Param("force", "Train even if a registered version has the same pairs and settings.",
-                              kind="bool", default=False)),
+    params=(BASE_PARAM, HEAD_PARAM, Param("force", "Train even if a registered version has the same pairs and settings.",
+                                          kind="bool", default=False)),
     resources="gpu",
+    configure=_configure_head,
     describe=lambda s: f"{s['model_uri']} (champion: {'version ' + s['champion_version'] if s['champion_version'] else 'none'})",
 )

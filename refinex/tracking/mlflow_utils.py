@@ -237,18 +237,25 @@ class RefinerPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from refinex.model.bases import load_checkpoint
+        from refinex.model.tagging.backend import TagBackend, is_tag_checkpoint
 
-        self._model, self._tokenizer = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        self._model.eval()
+        path = context.artifacts[CHECKPOINT_ARTIFACT]
         config = dict(getattr(context, "model_config", None) or {})
         self._max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self._tagger = TagBackend.from_pretrained(path) if is_tag_checkpoint(path) else None
+        if self._tagger is None:
+            self._model, self._tokenizer = load_checkpoint(path)
+            self._model.eval()
 
     def predict(
         self, context: Any, model_input: list[str], params: Optional[dict[str, Any]] = None
     ) -> list[str]:
-        """Greedy program text for each numbered chunk (``params`` is not used)."""
+        """Program text for each numbered chunk (``params`` is not used): greedy decoding,
+        or the tagging head's deletions for a tagging-head model."""
         import torch
 
+        if self._tagger is not None:
+            return self._tagger.generate([_numbered_chunk_request(str(chunk)) for chunk in model_input])
         tokenizer = self._tokenizer
         outputs = []
         for chunk in model_input:
@@ -264,6 +271,25 @@ class RefinerPyfunc(mlflow.pyfunc.PythonModel):
             new = generated[0, ids["input_ids"].shape[1] :]
             outputs.append(tokenizer.decode(new, skip_special_tokens=True))
         return outputs
+
+
+_NUMBERED_LINE = re.compile(r"^\[(\d+)\] ?(.*)$")
+
+
+def _numbered_chunk_request(chunk: str) -> Any:
+    """The request of a numbered chunk text (``[012] line`` per line; ids consecutive)."""
+    from refinex.model.backends import GenerationRequest
+
+    rows = chunk.split("\n")
+    first = _NUMBERED_LINE.match(rows[0])
+    start = int(first.group(1)) if first else 0
+    lines = []
+    for offset, row in enumerate(rows):
+        match = _NUMBERED_LINE.match(row)
+        if match is None or int(match.group(1)) != start + offset:
+            raise ValueError(f"line {offset} of the chunk is not numbered [{start + offset:03d}]: {row[:40]!r}")
+        lines.append(match.group(2))
+    return GenerationRequest("", start, start + len(lines) - 1, tuple(lines))
 
 
 def _pip_requirements() -> list[str]:
@@ -352,6 +378,7 @@ def _log_training_run(
         "n_validation_pairs": result.n_validation_pairs,
         "device": result.device,
         "precision": result.precision,
+        "precision_reason": getattr(result, "precision_reason", ""),
     }
     all_params.update(dict(params or {}))
     run_tags = {

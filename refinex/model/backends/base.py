@@ -204,18 +204,38 @@ def finish_program(text: str, stop: Sequence[str], constrained: bool) -> str:
     return text
 
 
+def _is_tag_checkpoint(path: str) -> bool:
+    import os
+
+    from refinex.model.train import read_model_info
+
+    return os.path.isdir(path) and read_model_info(path).get("head") == "tag"
+
+
 def load_backend(kind: str, model_path_or_url: str, **options: Any) -> RefineBackend:
     """Create a backend: ``transformers`` (checkpoint dir), ``vllm`` (checkpoint dir or
     model name the engine resolves locally) or ``openai`` (server base URL).
 
     :class:`DecodeConfig` fields (or ``config=``) set decoding; the other options go to the
-    backend's constructor.
+    backend's constructor. A checkpoint whose ``refinex_model.json`` names the ``tag`` head
+    gets :class:`refinex.model.tagging.backend.TagBackend` (the model decides its decoder).
     """
     config, rest = DecodeConfig.split_options(options)
     if config.min_op_prob > 0 and kind != "transformers":
         raise ValueError(f"min_op_prob is implemented by the transformers backend only, not {kind!r}")
     if config.votes > 0 and kind != "transformers":
         raise ValueError(f"votes are implemented by the transformers backend only, not {kind!r}")
+    if kind != "openai" and _is_tag_checkpoint(model_path_or_url):
+        if kind != "transformers":
+            raise ValueError(
+                f"{model_path_or_url} is a tagging-head model: it runs on the transformers backend (one "
+                f"forward pass per chunk, no decoding loop), not {kind!r}")
+        if config.votes > 0 or config.min_op_prob > 0:
+            raise ValueError("votes and min_op_prob decode generated programs; a tagging-head model has a "
+                             "threshold instead (option threshold)")
+        from refinex.model.tagging.backend import TagBackend
+
+        return TagBackend.from_pretrained(model_path_or_url, config, **rest)
     if kind == "transformers":
         from refinex.model.backends.hf import HFBackend
 
