@@ -175,6 +175,8 @@ def _stage_body(stage: "Stage") -> Callable[..., None]:
             cfg = _config(config, set_, stage, configuring)
             if stage.reads:
                 _require_workdir(cfg, workdir)
+            if stage.check is not None:
+                stage.check(kwargs)
             ctx = _context(cfg, workdir, run_id)
             stats = execute(stage, ctx, **kwargs)
             _print_json(stats)
@@ -237,13 +239,19 @@ def _pipeline_body(values: dict[str, Any], workdir: Optional[str], config: Optio
         from refinex.spark.expert import EXPERT
         from refinex.spark.pipeline import format_summary, run_pipeline
 
+        from refinex.spark.ingest import check_inputs
+
         kwargs, configuring = _split(EXPERT, dict(values))
+        check_inputs(kwargs)
         ctx = _context(_config(config, set_, EXPERT, configuring), workdir, run_id)
         result = run_pipeline(
             ctx.spark, ctx.config, ctx.workdir, kwargs["input"], limit=kwargs["limit"], run_id=ctx.run_id,
             base=kwargs["base"], model_uri=kwargs["model"], train=not kwargs["skip_train"],
             refine=not kwargs["skip_model"],
         )
+        if result.get("stopped"):
+            typer.echo(f"refinex: warning: {result['stopped']}", err=True)
+            return
         typer.echo(format_summary(result))
         if result["failures"]:
             raise StageFailed("quality gates failed (everything else was written):\n\n"

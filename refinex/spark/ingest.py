@@ -13,8 +13,15 @@ also runs on Spark Connect.
 * Rejected records go to ``quarantine`` with a reason: ``invalid_utf8``, ``too_large``,
   ``malformed_json``, ``not_an_object``, ``bad_field_type``, ``missing_text``,
   ``extraction_failed``, ``empty_text``, ``duplicate_doc_id`` (later occurrences of an id;
-  the first by ``(input_file, line_no)`` is kept). Blank lines are not records and are
-  only counted. Nothing is dropped silently: ``read = accepted + quarantined``.
+  the first by ``(input_file, line_no)`` is kept), ``truncated_input`` (a gzip file that
+  ends mid-stream: its readable lines are ingested, the file gets this one row, the other
+  files go on). Blank lines are not records and are only counted. Nothing is dropped
+  silently: ``read = accepted + quarantined``.
+* Local inputs are checked before any work: a path or glob that matches nothing is a
+  one-line ``FileNotFoundError``; an input without a single record is a warning and an
+  empty result. Local ``.gz`` files are read by a Python reader, one task per file (gzip
+  does not split), which keeps what it read when the stream is cut short; other files and
+  remote locations go through Spark's text reader.
 """
 from __future__ import annotations
 
@@ -44,9 +51,10 @@ MISSING_TEXT = "missing_text"
 EXTRACTION_FAILED = "extraction_failed"
 EMPTY_TEXT = "empty_text"
 DUPLICATE_DOC_ID = "duplicate_doc_id"
+TRUNCATED_INPUT = "truncated_input"
 QUARANTINE_REASONS = (
     INVALID_UTF8, TOO_LARGE, MALFORMED_JSON, NOT_AN_OBJECT, BAD_FIELD_TYPE, MISSING_TEXT,
-    EXTRACTION_FAILED, EMPTY_TEXT, DUPLICATE_DOC_ID,
+    EXTRACTION_FAILED, EMPTY_TEXT, DUPLICATE_DOC_ID, TRUNCATED_INPUT,
 )
 
 KIND_DOC = "doc"
@@ -230,7 +238,140 @@ def _parse_partition(
     return parse_batches
 
 
+_HIDDEN_PREFIXES = ("_", ".")  # what Spark's file sources skip in a folder
+
+
+def expand_local_inputs(paths: Sequence[str]) -> list[str]:
+    """The input files a list of locations names, for the local ones (remote ones unchanged).
+
+    A local file is itself, a folder its visible files (Spark skips names starting with
+    ``_`` or ``.``), a glob its matches. A local location that names nothing raises
+    ``FileNotFoundError`` with the location, before Spark is asked to read it.
+    """
+    import glob as globbing
+
+    from refinex.locations import is_local, local_path
+
+    files: list[str] = []
+    for location in paths:
+        if not is_local(location):
+            files.append(location)
+            continue
+        text = str(local_path(location)) if not globbing.has_magic(location) else os.path.expanduser(location)
+        matches = sorted(globbing.glob(text)) if globbing.has_magic(text) else ([text] if os.path.exists(text) else [])
+        if not matches:
+            raise FileNotFoundError(f"input not found: {location} (no such file, folder or glob match)")
+        for match in matches:
+            if os.path.isdir(match):
+                files.extend(sorted(
+                    os.path.join(match, name) for name in os.listdir(match)
+                    if not name.startswith(_HIDDEN_PREFIXES) and os.path.isfile(os.path.join(match, name))
+                ))
+            else:
+                files.append(match)
+    return files
+
+
+def check_inputs(values: Any) -> None:
+    """The ``ingest`` parameters checked before Spark starts (a missing local input)."""
+    inputs = values.get("input") if hasattr(values, "get") else None
+    if inputs:
+        expand_local_inputs([inputs] if isinstance(inputs, str) else list(inputs))
+
+
+READ_SCHEMA = StructType([
+    StructField("value", StringType()),
+    StructField("input_file", StringType(), False),
+    StructField("line_no", LongType(), False),
+    StructField("read_reason", StringType()),
+    StructField("read_detail", StringType()),
+])
+_GZIP_BATCH_LINES = 2000
+
+
+def _read_gzip_files(paths: Iterator[Any]) -> Iterator[Any]:
+    """``mapInPandas``: the lines of each local gzip file, numbered from 1; a file cut short
+    ends with one ``truncated_input`` row (its readable lines kept); undecodable lines are
+    flagged ``invalid_utf8`` (their text replaced for the preview)."""
+    import gzip
+    import zlib
+    from pathlib import Path as _Path
+
+    import pandas as pd
+
+    columns = [f.name for f in READ_SCHEMA.fields]
+
+    def frame(rows: list[tuple[Any, ...]]) -> Any:
+        out = pd.DataFrame.from_records(rows, columns=columns)
+        out["line_no"] = out["line_no"].astype("int64")
+        return out
+
+    for batch in paths:
+        for path in batch["path"]:
+            uri = _Path(path).resolve().as_uri()
+            rows: list[tuple[Any, ...]] = []
+            line_no = 0
+            try:
+                with gzip.open(path, "rb") as handle:
+                    for raw in handle:
+                        line_no += 1
+                        data = raw[:-1] if raw.endswith(b"\n") else raw
+                        if data.endswith(b"\r"):
+                            data = data[:-1]
+                        try:
+                            rows.append((data.decode("utf-8"), uri, line_no, None, None))
+                        except UnicodeDecodeError:
+                            preview = data[: 4 * RECORD_PREVIEW_CHARS].decode("utf-8", errors="replace")
+                            rows.append((preview[:RECORD_PREVIEW_CHARS], uri, line_no, INVALID_UTF8,
+                                         "the line is not valid UTF-8"))
+                        if len(rows) >= _GZIP_BATCH_LINES:
+                            yield frame(rows)
+                            rows = []
+            except (EOFError, OSError, zlib.error) as exc:
+                rows.append((None, uri, line_no + 1, TRUNCATED_INPUT,
+                             f"the gzip stream is cut short or corrupt after {line_no} readable lines "
+                             f"({type(exc).__name__}: {exc}); those lines were ingested"[:500]))
+            if rows:
+                yield frame(rows)
+
+
+def _gzip_lines(spark: SparkSession, files: Sequence[str]) -> DataFrame:
+    """The lines of local gzip ``files`` (one task per file)."""
+    listing = spark.createDataFrame([(f,) for f in files], "path string").repartition(max(1, len(files)))
+    return listing.mapInPandas(_read_gzip_files, READ_SCHEMA)
+
+
 def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
+    """``value, input_file, line_no, read_reason, read_detail`` for every physical line of
+    the JSONL input, with the numbers of lines and blank lines: local gzip files through
+    :func:`_read_gzip_files`, the rest through Spark's text reader (:func:`_text_lines`)."""
+    from refinex.locations import is_local
+
+    files = expand_local_inputs(paths)
+    gzipped = [f for f in files if is_local(f) and f.endswith(".gz")]
+    chosen = set(gzipped)
+    others = [f for f in files if f not in chosen]
+    parts: list[DataFrame] = []
+    n_lines = n_blank = 0
+    if others:
+        text, n, blank = _text_lines(spark, others)
+        parts.append(text.withColumns({"read_reason": F.lit(None).cast("string"),
+                                       "read_detail": F.lit(None).cast("string")}))
+        n_lines, n_blank = n_lines + n, n_blank + blank
+    if gzipped:
+        lines = _gzip_lines(spark, gzipped)
+        counts = lines.agg(F.count(F.lit(1)).alias("n"), F.count(F.when(_blank(), F.lit(1))).alias("blank")).first()
+        parts.append(lines)
+        n_lines, n_blank = n_lines + int(counts["n"]), n_blank + int(counts["blank"])
+    if not parts:
+        return spark.createDataFrame([], READ_SCHEMA), 0, 0
+    combined = parts[0]
+    for part in parts[1:]:
+        combined = combined.unionByName(part)
+    return combined, n_lines, n_blank
+
+
+def _text_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
     """``value, input_file, line_no`` for every physical line of the JSONL input files.
 
     Also returns the number of lines and of blank lines. A line's number is its position
@@ -276,17 +417,20 @@ def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, 
 
 def _parquet_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
     """Parquet rows as JSON lines: ``value, input_file, line_no`` (1-based row index)."""
-    df = spark.read.parquet(*paths)
+    df = spark.read.parquet(*expand_local_inputs(paths))
     lines = df.select(
         F.to_json(F.struct(*[F.col(f"`{c}`") for c in df.columns])).alias("value"),
         F.col("_metadata.file_path").alias("input_file"),
         (F.col("_metadata.row_index") + 1).alias("line_no"),
+        F.lit(None).cast("string").alias("read_reason"),
+        F.lit(None).cast("string").alias("read_detail"),
     )
     return lines, df.count(), 0
 
 
 def read_lines(spark: SparkSession, paths: Sequence[str], fmt: str) -> tuple[DataFrame, int, int]:
-    """The input as ``value, input_file, line_no`` rows, with the line and blank-line counts."""
+    """The input as ``value, input_file, line_no, read_reason, read_detail`` rows, with the
+    line and blank-line counts."""
     return _parquet_lines(spark, paths) if fmt == "parquet" else _jsonl_lines(spark, paths)
 
 
@@ -314,6 +458,12 @@ def ingest_documents(
     fmt = detect_format(paths, ic.format)
     lines, n_lines, n_blank = read_lines(spark, paths, fmt)
     records_in = n_lines - n_blank
+    if records_in == 0:
+        log.warning("ingest: no input records in %s (%d blank lines): nothing to ingest", ", ".join(paths), n_blank)
+        ctx.record(input=paths, format=fmt)
+        return {"format": fmt, "read": 0, "accepted": 0, "quarantined": 0, "quarantined_by_reason": {},
+                "blank_lines": n_blank, "documents_inserted": 0, "documents_updated": 0,
+                "quarantine_inserted": 0, "quarantine_updated": 0, "empty_input": True}
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -321,15 +471,19 @@ def ingest_documents(
         records_in = min(limit, records_in)
     valid = F.is_valid_utf8("value")
     length = F.length("value")
+    flagged = F.col("read_reason").isNotNull()
     lines = lines.select(
-        F.when(~valid, F.substring(F.make_valid_utf8("value"), 1, RECORD_PREVIEW_CHARS))
+        F.when(flagged, F.col("value"))
+        .when(~valid, F.substring(F.make_valid_utf8("value"), 1, RECORD_PREVIEW_CHARS))
         .when(length > ic.max_record_chars, F.substring("value", 1, RECORD_PREVIEW_CHARS))
         .otherwise(F.col("value"))
         .alias("value"),
         "input_file",
         "line_no",
-        F.when(~valid, F.lit(INVALID_UTF8)).when(length > ic.max_record_chars, F.lit(TOO_LARGE)).alias("pre_reason"),
-        F.when(~valid, F.lit("the line is not valid UTF-8"))
+        F.when(flagged, F.col("read_reason")).when(~valid, F.lit(INVALID_UTF8))
+        .when(length > ic.max_record_chars, F.lit(TOO_LARGE)).alias("pre_reason"),
+        F.when(flagged, F.col("read_detail"))
+        .when(~valid, F.lit("the line is not valid UTF-8"))
         .when(
             length > ic.max_record_chars,
             F.format_string(f"the record has %d characters (limit {ic.max_record_chars})", length),
@@ -418,4 +572,5 @@ INGEST = Stage(
         Param("limit", "Only the first N input records.", kind="int", minimum=0),
     ),
     describe=lambda s: f"read {s['read']} = accepted {s['accepted']} + quarantined {s['quarantined']}",
+    check=check_inputs,
 )

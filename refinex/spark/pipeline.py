@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from pyspark.sql import SparkSession
 
@@ -65,13 +65,22 @@ def run_pipeline(
     if model_uri is not None:
         params["refine"] = {"model": model_uri}
     result: dict[str, Any] = {"run_id": ctx.run_id, "workdir": workdir, "tables": ctx.tables.describe()}
-    run_steps(ctx, steps, params, results=result, external=() if training else (REGISTERED_MODEL,))
+    run_steps(ctx, steps, params, results=result, external=() if training else (REGISTERED_MODEL,),
+              stop=_stop_on_empty_input)
     run_params = {"input": paths, "limit": limit, "config": ctx.config.to_dict(), "base": base,
                   "model_uri": model_uri, "train": train, "refine": refine}
     summary = {step.key: result[step.key] for step in steps if step.key in result}
     summary["failures"] = result["failures"]
     record_stage_run(spark, ctx.tables, ctx.run_id, PIPELINE, started, datetime.now(timezone.utc), run_params, summary)
     return result
+
+
+def _stop_on_empty_input(key: str, stats: Mapping[str, Any]) -> Optional[str]:
+    """An input without a single record ends the run after ingest (nothing to refine)."""
+    if key == "ingest" and stats.get("empty_input"):
+        return (f"no input records (0 read, {stats.get('blank_lines', 0)} blank lines): stopped after ingest; "
+                "check --input")
+    return None
 
 
 def format_origins(rows: list[dict[str, Any]]) -> list[str]:

@@ -200,12 +200,15 @@ def run_steps(
     params: Optional[Mapping[str, Mapping[str, Any]]] = None,
     results: Optional[dict[str, Any]] = None,
     external: Sequence[str] = (),
+    stop: Optional[Callable[[str, Mapping[str, Any]], Optional[str]]] = None,
 ) -> dict[str, Any]:
     """Run the steps in order, each inside the envelope; returns ``{step key: stats}``.
 
     ``params`` gives extra values per step key (``{"train": {"base": ...}}``). A failing
     ``gate`` step's statistics are kept (with ``failed: true``) and its summary is appended
     to ``results["failures"]``; the caller decides how the run ends (the CLI exits 1).
+    ``stop(step key, stats)`` may return a reason to end the run after that step (it is
+    kept in ``results["stopped"]``).
     """
     check_order(steps, external)
     results = {} if results is None else results
@@ -223,6 +226,10 @@ def run_steps(
                 raise
             results[step.key] = exc.stats
             failures.append(str(exc))
+        reason = stop(step.key, results[step.key]) if stop is not None else None
+        if reason:
+            results["stopped"] = reason
+            break
     return results
 
 

@@ -81,7 +81,8 @@ class Stage:
 
     ``resources`` is ``cpu`` or ``gpu`` (the bundle puts gpu stages on the GPU cluster);
     ``describe`` turns the statistics into the log line; ``configure`` applies the
-    ``configures`` parameters to the configuration.
+    ``configures`` parameters to the configuration; ``check`` validates the parameters
+    before Spark starts (a missing input file: one line, not a Java trace 25 s later).
     """
 
     name: str
@@ -93,6 +94,7 @@ class Stage:
     resources: str = "cpu"
     describe: Optional[Callable[[Mapping[str, Any]], str]] = None
     configure: Optional[Configure] = None
+    check: Optional[Callable[[Mapping[str, Any]], None]] = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in (*self.reads, *self.writes) if t not in TABLES]
