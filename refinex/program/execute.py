@@ -11,10 +11,11 @@ Lines are ``raw.split("\\n")`` and every operation refers to the *original* line
    occurrence that does not intersect a deleted span is deleted.
 3. ``keep_all`` is a no-op and always accepted.
 
-The output is always a subsequence of ``raw``. Work is linear in the document plus
-``O(log k)`` per operation (``k`` accepted ranges or spans), so a multi-megabyte document
-with thousands of operations is cheap: deletions are recorded as spans and the text is
-assembled once at the end.
+The output is always a subsequence of ``raw``. Work is linear in the document plus, per
+operation, ``O(log k)`` lookups (``k`` accepted ranges or spans) and for ``remove_str`` a
+search of its line that resumes where the same string's last search on that line stopped,
+so a multi-megabyte document with thousands of operations is cheap: deletions are recorded
+as spans and the text is assembled once at the end.
 """
 from __future__ import annotations
 
@@ -144,7 +145,9 @@ def _spans_overlap(spans: list[tuple[int, int]], start: int, end: int) -> Option
     return None
 
 
-def find_free(line: str, needle: str, spans: list[tuple[int, int]]) -> tuple[Optional[int], bool]:
+def find_free(
+    line: str, needle: str, spans: list[tuple[int, int]], start: int = 0
+) -> tuple[Optional[int], bool]:
     """First occurrence of ``needle`` in ``line`` not intersecting ``spans``: ``(position,
     found_any)``.
 
@@ -152,11 +155,12 @@ def find_free(line: str, needle: str, spans: list[tuple[int, int]]) -> tuple[Opt
     disjoint. ``position`` is ``None`` when every occurrence overlaps one of them;
     ``found_any`` tells whether ``needle`` occurs in ``line`` at all (``string_not_found``
     versus ``overlap``). This is how ``execute`` places a ``remove_str``; line voting
-    (``refinex.model.voting``) places its strings the same way.
+    (``refinex.model.voting``) places its strings the same way. ``start`` > 0 says that
+    every occurrence before it is known to be blocked (and that one exists).
     """
     width = len(needle)
-    position = line.find(needle)
-    found_any = position >= 0
+    position = line.find(needle, start)
+    found_any = position >= 0 or start > 0
     while position >= 0:
         blocker_end = _spans_overlap(spans, position, position + width)
         if blocker_end is None:
@@ -223,6 +227,9 @@ def execute(program: Program, raw: str, guardrails: Guardrails = Guardrails()) -
         removed[op.start : op.end + 1] = b"\x01" * (op.end - op.start + 1)
 
     spans: dict[int, list[tuple[int, int]]] = {}
+    # Per (line, string): where the next search starts. Deleted spans only grow, so an
+    # occurrence passed over once stays blocked: k ops on one line cost O(k), not O(k^2).
+    cursors: dict[tuple[int, str], int] = {}
     for index, op in enumerate(program.ops):
         if not isinstance(op, RemoveStr):
             continue
@@ -235,11 +242,18 @@ def execute(program: Program, raw: str, guardrails: Guardrails = Guardrails()) -
             reason = LINE_REMOVED
         else:
             line_spans = spans.setdefault(op.line, [])
-            position, found_any = find_free(lines[op.line], op.text, line_spans)
+            key = (op.line, op.text)
+            cursor = cursors.get(key, 0)
+            if cursor < 0:  # searched before: the string is not in the line
+                position, found_any = None, False
+            else:
+                position, found_any = find_free(lines[op.line], op.text, line_spans, cursor)
             if position is None:
                 reason = OVERLAP if found_any else STRING_NOT_FOUND
+                cursors[key] = len(lines[op.line]) + 1 if found_any else -1
             else:
                 insort(line_spans, (position, position + len(op.text)))
+                cursors[key] = position + 1
         if reason is not None:
             rejected.append((index, RejectedOp(op, reason)))
 
