@@ -6,10 +6,12 @@ temperature 0, and reassembles the chunk answers in order. It is batch-safe:
 
 * bounded concurrency: at most ``max_concurrency`` requests in flight per expert instance,
   whatever the number of threads calling ``refine_batch``;
-* retries with exponential backoff and full jitter on timeouts, connection errors, HTTP
-  408/409/425/429/5xx and malformed answers (bad JSON, no ``choices``), honouring
-  ``Retry-After``; after ``max_attempts`` the document's output is ``FAILED`` with the last
-  error - ``refine_batch`` never raises for endpoint problems;
+* retries with exponential backoff and full jitter on timeouts, connection errors (a
+  refused or dropped connection, a body cut short), HTTP 408/409/425/429/5xx and malformed
+  answers (bad or undecodable JSON, no ``choices``, no content; an empty content too when
+  ``empty_answer_ok`` is false), honouring ``Retry-After`` up to ``backoff_max_s``; after
+  ``max_attempts`` the document's output is ``FAILED`` with the last error -
+  ``refine_batch`` never raises for endpoint problems;
 * a response cache (``refinex.experts.cache.ResponseCache``) keyed by model, prompt
   version and document hash, so a rerun makes no request for a document already refined.
 
@@ -161,6 +163,9 @@ class LLMConfig:
     price_input_per_1m: float = 0.0  # USD per 1M prompt tokens
     price_output_per_1m: float = 0.0  # USD per 1M completion tokens
     trust_env: bool = True  # honour HTTP(S)_PROXY / SSL env variables
+    # An empty answer means "the whole input is noise" (the shipped prompt asks for nothing
+    # then); false, with a prompt that never does, retries it like a malformed answer.
+    empty_answer_ok: bool = True
     name: str = "llm"
 
     def __post_init__(self) -> None:
@@ -489,6 +494,7 @@ class LLMExpert:
             "expert.timeout_s": str(c.timeout_s),
             "expert.max_concurrency": str(c.max_concurrency),
             "expert.max_attempts": str(c.max_attempts),
+            "expert.empty_answer_ok": str(c.empty_answer_ok),
             "expert.api_key_source": (
                 f"databricks:{c.secret_scope}/{c.secret_key}" if c.secret_scope else f"env:{c.api_key_env}"
             ),
@@ -578,6 +584,8 @@ class LLMExpert:
             raise _RequestError(f"timeout after {self.config.timeout_s:g}s ({type(exc).__name__})", True) from None
         except httpx.TransportError as exc:
             raise _RequestError(f"connection error ({type(exc).__name__}: {self._redact(str(exc))})", True) from None
+        except httpx.DecodingError as exc:  # a body its Content-Encoding cannot decode: must not escape the batch
+            raise _RequestError(f"malformed response: undecodable body ({self._redact(str(exc))})", True) from None
         status = response.status_code
         if status != 200:
             body = self._redact(response.text[:300].replace("\n", " "))
@@ -601,14 +609,17 @@ class LLMExpert:
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, str):
             raise _RequestError("malformed response: no message content", True)
+        if not content.strip() and text.strip() and not self.config.empty_answer_ok:
+            raise _RequestError("empty answer (empty_answer_ok is false)", True)
         usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         return content, _as_int(usage.get("prompt_tokens")), _as_int(usage.get("completion_tokens"))
 
     def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
-        """Full jitter: uniform(0, min(max, base * 2**(attempt-1))); Retry-After wins when given."""
+        """Full jitter: uniform(0, min(max, base * 2**(attempt-1))); Retry-After wins when given,
+        never beyond ``backoff_max_s`` (0 included: a server's Retry-After cannot stall a task)."""
         cap = self.config.backoff_max_s
         if retry_after is not None:
-            return min(retry_after, cap) if cap > 0 else retry_after
+            return min(retry_after, cap)
         return self._rng.uniform(0.0, min(cap, self.config.backoff_base_s * 2 ** (attempt - 1)))
 
     def _call(self, text: str) -> _ChunkResult:
