@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+MATERIALIZE_MERGE_SOURCE = "spark.databricks.delta.merge.materializeSource"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -36,6 +37,10 @@ def runtime_conf(config: Config) -> dict[str, str]:
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(config.spark.arrow_max_records_per_batch),
         "spark.sql.session.timeZone": "UTC",
+        # Every MERGE source is materialized once before Delta's two passes over it: model
+        # output (a Python UDF) evaluated twice may differ, and Delta documents a source that
+        # changes between its scans as a cause of wrong merge results.
+        MATERIALIZE_MERGE_SOURCE: "all",
     }
     return conf
 

@@ -197,3 +197,12 @@ def test_merge_matches_nullable_keys_null_safely(spark: SparkSession, workdir: s
     again = merge_into(spark, workdir, GATE_FAILURES, frame)
     assert again == {"inserted": 0, "updated": 0}
     assert read_table(spark, workdir, GATE_FAILURES).count() == 1
+
+
+def test_merge_sources_are_materialized_before_delta_scans_them(spark: SparkSession, spark_config: Config) -> None:
+    """Model output computed twice may differ: Delta must materialize every MERGE source
+    once (a source that changes between Delta's two scans gives wrong merge results)."""
+    from refinex.spark.session import MATERIALIZE_MERGE_SOURCE, runtime_conf
+
+    assert runtime_conf(spark_config)[MATERIALIZE_MERGE_SOURCE] == "all"
+    assert spark.conf.get(MATERIALIZE_MERGE_SOURCE) == "all"
