@@ -216,7 +216,7 @@ def run_variant(
         train.update(evaluate_checkpoint(spark, cfg, workdir, checkpoint))
     runs = {}
     for constrained in (mode == "constrained" for mode in modes):
-        refined = run_stage("refine", spark, cfg, workdir, model=train["model_uri"], constrained=constrained, split="validation",
+        refined = run_stage("refine", spark, cfg, workdir, model=train["model_uri"], unconstrained=not constrained, split="validation",
                              force=force_refine)
         origin = {"origin": "model", "origin_version": refined["origin_version"]}
         run_stage("apply", spark, cfg, workdir, **origin)

@@ -6,9 +6,10 @@ windows of at most ``window_tokens`` tokens (a window starts with bos where the 
 has one). The base (any ``transformers`` ``AutoModel``: its decoder without the LM head)
 runs one forward pass per window. A line's vector is its newline token's hidden state (it
 has seen the whole line and the lines above) next to the mean over the line's tokens, plus
-the line's layout features (:func:`refinex.model.tagger.layout_features`). A bidirectional
-GRU over a chunk's line vectors lets each line see the lines after it, which the causal
-base cannot, and a linear layer gives one deletion logit per line.
+the line's layout features (:func:`refinex.model.tagger.layout_features`). Context over a
+chunk's line vectors (residual convolutions, or a bidirectional GRU) lets each line see the
+lines after it, which the causal base cannot, and a linear layer gives one deletion logit
+per line.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 HEAD_FILE = "tag_head.safetensors"
+CONTEXTS = ("conv", "gru")
 _CHARS_PER_TOKEN_CAP = 16  # lines are cut to this many characters per kept token before tokenizing
 
 
@@ -38,12 +40,18 @@ class TagArchitecture:
     hidden_size: int
     max_line_tokens: int = 32
     window_tokens: int = 1024
-    head_size: int = 256
-    context_layers: int = 1
+    head_size: int = 128
+    context_layers: int = 2
     dropout: float = 0.1
     layout_features: bool = True
+    context: str = "conv"  # "conv" (residual convolutions over the lines) or "gru" (bidirectional)
+    context_width: int = 5  # lines a convolution sees (odd)
 
     def __post_init__(self) -> None:
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+        if self.context_width < 1 or self.context_width % 2 == 0:
+            raise ValueError(f"context_width must be odd and >= 1, got {self.context_width}")
         for name in ("hidden_size", "max_line_tokens", "window_tokens", "head_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -153,7 +161,14 @@ def _torch_module() -> Any:
 
 
 class TagHead(_torch_module()):  # type: ignore[misc]
-    """Line vectors (+ layout features) -> a projection -> a bidirectional GRU -> one logit."""
+    """Line vectors (+ layout features) -> a projection -> context over the chunk's lines ->
+    one logit per line.
+
+    The context sees the lines after a line as well as before it: ``conv`` stacks residual
+    convolutions of ``context_width`` lines (each layer widens the view; fast and fully
+    parallel), ``gru`` a bidirectional GRU over the whole chunk (sequential, slower on CPU).
+    Padding is masked, so a chunk's logits do not depend on the batch it is in.
+    """
 
     def __init__(self, architecture: TagArchitecture, n_layout: int) -> None:
         import torch
@@ -162,32 +177,44 @@ class TagHead(_torch_module()):  # type: ignore[misc]
         arch = architecture
         self.architecture = arch
         self.n_layout = int(n_layout)
+        size = arch.head_size
         self.project = torch.nn.Sequential(
-            torch.nn.Linear(2 * arch.hidden_size + self.n_layout, arch.head_size),
+            torch.nn.Linear(2 * arch.hidden_size + self.n_layout, size),
             torch.nn.GELU(),
             torch.nn.Dropout(arch.dropout),
         )
-        self.context = (
-            torch.nn.GRU(arch.head_size, arch.head_size // 2, num_layers=arch.context_layers, batch_first=True,
-                         bidirectional=True)
-            if arch.context_layers
-            else None
-        )
-        width = 2 * (arch.head_size // 2) if self.context is not None else arch.head_size
-        self.out = torch.nn.Linear(width, 1)
+        self.gru = None
+        self.convs = torch.nn.ModuleList()
+        if arch.context_layers and arch.context == "gru":
+            self.gru = torch.nn.GRU(size, size // 2, num_layers=arch.context_layers, batch_first=True,
+                                    bidirectional=True)
+            size = 2 * (size // 2)
+        elif arch.context_layers:
+            self.convs.extend(
+                torch.nn.Conv1d(size, size, arch.context_width, padding=arch.context_width // 2)
+                for _ in range(arch.context_layers)
+            )
+        self.dropout = torch.nn.Dropout(arch.dropout)
+        self.out = torch.nn.Linear(size, 1)
 
     def forward(self, vectors: Sequence[Any], layouts: Sequence[Any]) -> list[Any]:
         """One logit per line for each chunk (``vectors[i]``: (lines, 2 * hidden))."""
         import torch
+        import torch.nn.functional as F
         from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 
         inputs = [torch.cat([v.float(), l.float()], dim=-1) for v, l in zip(vectors, layouts)]
         lengths = [int(x.shape[0]) for x in inputs]
         padded = self.project(pad_sequence(inputs, batch_first=True))
-        if self.context is not None:
+        mask = (torch.arange(padded.shape[1], device=padded.device)[None, :]
+                < torch.tensor(lengths, device=padded.device)[:, None]).unsqueeze(-1).to(padded.dtype)
+        if self.gru is not None:
             packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
-            output, _ = self.context(packed)
+            output, _ = self.gru(packed)
             padded, _ = pad_packed_sequence(output, batch_first=True, total_length=padded.shape[1])
+        for conv in self.convs:
+            hidden = (padded * mask).transpose(1, 2)  # padding is zero, as a lone chunk's edges are
+            padded = padded + self.dropout(F.gelu(conv(hidden).transpose(1, 2)))
         logits = self.out(padded).squeeze(-1)
         return [logits[i, :n] for i, n in enumerate(lengths)]
 

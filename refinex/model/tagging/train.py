@@ -54,16 +54,18 @@ class TagTrainConfig:
 
     max_line_tokens: int = 32
     window_tokens: int = 1024
-    head_size: int = 256
-    context_layers: int = 1
+    head_size: int = 128
+    context_layers: int = 2
+    context: str = "conv"
+    context_width: int = 5
     dropout: float = 0.1
     layout_features: bool = True
     train_layers: int = 0
-    epochs: int = 8
+    epochs: int = 6
     lr: float = 1.0e-3
     base_lr: float = 5.0e-5
     weight_decay: float = 0.01
-    batch_size: int = 16  # chunks per optimizer step
+    batch_size: int = 32  # chunks per optimizer step
     warmup_ratio: float = 0.05
     lr_schedule: str = "cosine"
     max_grad_norm: float = 1.0
@@ -110,7 +112,7 @@ class TagTrainConfig:
         return TagArchitecture(
             hidden_size=hidden_size, max_line_tokens=self.max_line_tokens, window_tokens=self.window_tokens,
             head_size=self.head_size, context_layers=self.context_layers, dropout=self.dropout,
-            layout_features=self.layout_features,
+            layout_features=self.layout_features, context=self.context, context_width=self.context_width,
         )
 
     @classmethod
