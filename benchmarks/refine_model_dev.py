@@ -237,9 +237,12 @@ def _registered_metrics(config: Config, workdir: str, version: str) -> dict[str,
         config.model.registered_name, version).tags
     out: dict[str, Any] = {}
     for key in ("steps", "train_seconds", "validation_loss", "final_train_loss", "n_train_pairs", "val_line_f1",
-                "val_char_f1", "val_exact_match"):
+                "val_char_f1", "val_exact_match", "tag_threshold", "cv_kept_char_f1", "validation_kept_char_f1",
+                "feature_seconds"):
         if key in tags:
             out[key] = float(tags[key])
+    if "tag_threshold" in out:
+        out["threshold"] = out.pop("tag_threshold")
     out["train_pairs"] = int(out.pop("n_train_pairs", 0))
     return out
 
