@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Sequence, 
 import typer
 
 from refinex.config import Config, ConfigError, load_config
-from refinex.errors import StageFailed
+from refinex.errors import StageFailed, one_line
 from refinex.spark.jars import DeltaJarsError
 
 if TYPE_CHECKING:
@@ -223,8 +223,7 @@ def _run(action: Callable[[], T]) -> T:
         typer.echo(f"refinex: {exc}", err=True)
         raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - Spark errors: one readable line, then exit 1
-        name = type(exc).__name__
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+        name, message = one_line(exc)
         if "JAVA_GATEWAY_EXITED" in str(exc):
             message += " (is Java 17 installed and JAVA_HOME set?)"
         typer.echo(f"refinex: {name}: {message}", err=True)

@@ -20,10 +20,11 @@ LLM experts (``llm``, and the LLM members of ``consensus``):
 
 The consensus expert also fills ``expert_members`` (the consensus text is what ``distill``
 uses). The ``mapInPandas`` output is written once, as Parquet under
-``<workdir>/staging/expert``, and every table write reads it back, so no document is sent to
-an endpoint twice by the writes. Each run logs an MLflow run (``expert.mlflow_experiment``)
-with the expert's secret-free params and the run's metrics (tokens, requests, retries,
-failures, cache hits, latency, estimated cost).
+``<workdir>/staging/expert/<run id>-<random>`` (a folder per run: two runs on one workdir
+never read or delete each other's rows), and every table write reads it back, so no
+document is sent to an endpoint twice by the writes. Each run logs an MLflow run
+(``expert.mlflow_experiment``) with the expert's secret-free params and the run's metrics
+(tokens, requests, retries, failures, cache hits, latency, estimated cost).
 
 Layout: this module is the driver side (``refine_with_expert``, ``EXPERT``: cache hits join,
 staging, merges, usage metrics, MLflow); ``refinex.spark.expert_config`` chooses, builds and
@@ -36,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import uuid
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from pyspark.sql import Column, DataFrame
@@ -43,7 +45,7 @@ from pyspark.sql import functions as F
 
 from refinex.config import Config
 from refinex.experts.cache import CACHE_COLUMNS
-from refinex.locations import is_local, join, local_path, spark_location
+from refinex.locations import driver_path, join, spark_location
 from refinex.spark.expert_config import (
     CONSENSUS,
     EXPERT_PARAMS,
@@ -129,20 +131,30 @@ def _with_cache_hits(
     return todo, columns
 
 
-def _staging_path(workdir: str) -> str:
-    return join(spark_location(workdir), STAGING_DIR)
+def _staging_path(workdir: str, run_id: str) -> str:
+    """This run's own staging folder (a run killed before its end leaves it; nothing reads it)."""
+    return join(spark_location(workdir), STAGING_DIR, f"{run_id}-{uuid.uuid4().hex[:8]}")
 
 
-def _drop_staging(workdir: str) -> None:
-    """Remove the staged rows when the workdir is on this machine (elsewhere they are
-    overwritten by the next run)."""
-    if is_local(workdir):
-        shutil.rmtree(local_path(_staging_path(workdir)), ignore_errors=True)
+def _drop_staging(spark: Any, path: str) -> None:
+    """Remove the staged rows: on the driver's file system (local, FUSE), else through Hadoop."""
+    local = driver_path(path)
+    if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
+        return
+    try:
+        jvm = spark.sparkContext._jvm
+        hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+        hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)
+    except Exception as exc:  # noqa: BLE001 - leftover staged rows are harmless
+        log.warning("expert: staged rows left in %s (%s)", path, str(exc).splitlines()[0] if str(exc) else exc)
 
 
 def _merge_outputs(ctx: StageContext, staged: DataFrame, llm: bool, consensus: bool) -> dict[str, int]:
-    """Write the staged rows: ``expert_cache`` first (paid answers), then the refinements and
-    the members; returns the rows inserted/updated per table."""
+    """Write the staged rows: ``expert_cache`` first (paid answers), then the members, then the
+    refinements last: an ``ok`` refinement is what a rerun skips, so a run killed between two
+    of these writes leaves nothing that a rerun would not complete. Returns the rows
+    inserted/updated per table."""
     now = F.current_timestamp()
     counts: dict[str, int] = {"cache_rows_inserted": 0, "member_rows_inserted": 0, "member_rows_updated": 0}
     if llm:
@@ -153,9 +165,6 @@ def _merge_outputs(ctx: StageContext, staged: DataFrame, llm: bool, consensus: b
             .withColumn("created_at", now)
         )
         counts["cache_rows_inserted"] = ctx.merge(EXPERT_CACHE, cache_rows)["inserted"]
-    refined = staged.select(*[f.name for f in REFINED_SCHEMA.fields]).withColumn("created_at", now)
-    metrics = ctx.merge(EXPERT_REFINEMENTS, refined)
-    counts["rows_inserted"], counts["rows_updated"] = metrics["inserted"], metrics["updated"]
     if consensus:
         members = (
             staged.where(F.col("members").isNotNull())
@@ -165,6 +174,9 @@ def _merge_outputs(ctx: StageContext, staged: DataFrame, llm: bool, consensus: b
         )
         metrics = ctx.merge(EXPERT_MEMBERS, members)
         counts["member_rows_inserted"], counts["member_rows_updated"] = metrics["inserted"], metrics["updated"]
+    refined = staged.select(*[f.name for f in REFINED_SCHEMA.fields]).withColumn("created_at", now)
+    metrics = ctx.merge(EXPERT_REFINEMENTS, refined)
+    counts["rows_inserted"], counts["rows_updated"] = metrics["inserted"], metrics["updated"]
     return counts
 
 
@@ -250,9 +262,9 @@ def refine_with_expert(ctx: StageContext, force: bool = False) -> dict[str, Any]
         refined = inputs.repartition(partitions, "doc_id").mapInPandas(
             refine_partition(source, ec.batch_size, hit_columns), STAGED_SCHEMA
         )
-        path = _staging_path(workdir)
-        refined.write.mode("overwrite").parquet(path)
+        path = _staging_path(workdir, run_id)
         try:
+            refined.write.mode("overwrite").parquet(path)
             staged = spark.read.schema(STAGED_SCHEMA).parquet(path)
             row = staged.agg(
                 F.count(F.when(F.col("status") == OK, 1)).alias("ok"),
@@ -262,7 +274,7 @@ def refine_with_expert(ctx: StageContext, force: bool = False) -> dict[str, Any]
             totals = row.asDict() if row is not None else {}
             counts.update(_merge_outputs(ctx, staged, bool(llms), consensus))
         finally:
-            _drop_staging(workdir)
+            _drop_staging(spark, path)
     metrics = _usage_metrics(totals, n_todo)
     stats: dict[str, Any] = {
         "expert": name,

@@ -524,16 +524,8 @@ def refine_documents_with_model(
         refined.count()
         seconds = time.perf_counter() - clock
         try:
-            programs = refined.select(
-                "doc_id",
-                F.lit(ORIGIN_MODEL).alias("origin"),
-                F.lit(origin_version).alias("origin_version"),
-                "program", "n_ops", "n_remove_lines", "n_remove_str", "n_keep_all",
-                *[F.lit(None).alias(c) for c in ("kept_chars", "deleted_chars", "inserted_chars",
-                                                 "unrepresentable_ratio", "exact")],
-                F.current_timestamp().alias("created_at"),
-            )
-            ctx.merge(PROGRAMS, programs)
+            # model_outputs first, programs last: a program is what a rerun skips, so a run
+            # killed between the two writes is completed by the rerun.
             outputs = refined.select(
                 "doc_id",
                 F.lit(origin_version).alias("origin_version"),
@@ -544,6 +536,16 @@ def refine_documents_with_model(
                 F.current_timestamp().alias("created_at"),
             )
             ctx.merge(MODEL_OUTPUTS, outputs)
+            programs = refined.select(
+                "doc_id",
+                F.lit(ORIGIN_MODEL).alias("origin"),
+                F.lit(origin_version).alias("origin_version"),
+                "program", "n_ops", "n_remove_lines", "n_remove_str", "n_keep_all",
+                *[F.lit(None).alias(c) for c in ("kept_chars", "deleted_chars", "inserted_chars",
+                                                 "unrepresentable_ratio", "exact")],
+                F.current_timestamp().alias("created_at"),
+            )
+            ctx.merge(PROGRAMS, programs)
             row = refined.agg(
                 F.count(F.lit(1)).alias("documents"),
                 F.sum("n_chunks").alias("chunks"),

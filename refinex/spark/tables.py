@@ -5,10 +5,18 @@ Every table has a key and lives where :class:`TableResolver` says: ``<workdir>/d
 new keys are inserted, existing keys are updated only when a *content* column changed
 (timestamps and run ids are bookkeeping, not content), so rerunning a stage on the same
 input leaves the table exactly as it was. The source is deduplicated on the key first.
+
+Concurrent writers (two runs on one workdir) are safe: a table is created by exactly one of
+them (the others find it made), a MERGE that loses Delta's optimistic-concurrency check is
+run again on the new snapshot (it is idempotent), and the fast first write into a table this
+process created is an overwrite that Delta checks against every other commit.
 """
 from __future__ import annotations
 
 import json
+import logging
+import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,8 +38,11 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from refinex.errors import TableWriteConflict, one_line
 from refinex.experts.cache import CACHE_ROW_SCHEMA
 from refinex.locations import join, spark_location
+
+log = logging.getLogger(__name__)
 
 DOCUMENTS = "documents"
 QUARANTINE = "quarantine"
@@ -419,7 +430,12 @@ def _register(spark: SparkSession, resolver: TableResolver, table: str) -> None:
 
 
 def ensure_table(spark: SparkSession, tables: "TableResolver | str", table: str) -> None:
-    """Create the table (explicit schema, partitioning) unless it exists."""
+    """Create the table (explicit schema, partitioning) unless it exists.
+
+    A plain CREATE (not IF NOT EXISTS), so this process knows whether it made the table: only
+    the creator may take :func:`merge_into`'s fast first write. Losing a creation race (another
+    process created it first: "already exists" or Delta's ProtocolChangedException) is fine.
+    """
     from delta.tables import DeltaTable
 
     resolver = as_resolver(tables)
@@ -427,22 +443,43 @@ def ensure_table(spark: SparkSession, tables: "TableResolver | str", table: str)
         return
     spec = TABLES[table]
     location = resolver.location(table)
-    if location is None:
-        # SQL, not DeltaTable's builder: it takes catalog.schema.table names everywhere.
-        spark.sql(f"CREATE SCHEMA IF NOT EXISTS `{resolver.catalog}`.`{resolver.schema}`")
-        columns = ", ".join(
-            f"`{f.name}` {f.dataType.simpleString()}{'' if f.nullable else ' NOT NULL'}" for f in spec.schema.fields
-        )
-        partitioned = f" PARTITIONED BY ({', '.join(spec.partition_by)})" if spec.partition_by else ""
-        spark.sql(f"CREATE TABLE IF NOT EXISTS {resolver.name(table)} ({columns}) USING DELTA{partitioned}")
+    key = _session_key(spark, location or resolver.name(table))
+    try:
+        if location is None:
+            # SQL, not DeltaTable's builder: it takes catalog.schema.table names everywhere.
+            spark.sql(f"CREATE SCHEMA IF NOT EXISTS `{resolver.catalog}`.`{resolver.schema}`")
+            columns = ", ".join(
+                f"`{f.name}` {f.dataType.simpleString()}{'' if f.nullable else ' NOT NULL'}"
+                for f in spec.schema.fields
+            )
+            partitioned = f" PARTITIONED BY ({', '.join(spec.partition_by)})" if spec.partition_by else ""
+            spark.sql(f"CREATE TABLE {resolver.name(table)} ({columns}) USING DELTA{partitioned}")
+        else:
+            builder = DeltaTable.create(spark).location(location).addColumns(spec.schema)
+            if spec.partition_by:
+                builder = builder.partitionedBy(*spec.partition_by)
+            builder.execute()
+    except Exception:
+        if not _exists_now(spark, resolver, table):
+            raise
+        log.debug("%s was created by another writer", resolver.display_name(table))
     else:
-        builder = DeltaTable.createIfNotExists(spark).location(location).addColumns(spec.schema)
-        if spec.partition_by:
-            builder = builder.partitionedBy(*spec.partition_by)
-        builder.execute()
-    _EXISTING.add(_session_key(spark, location or resolver.name(table)))
-    _FRESH.add(_session_key(spark, location or resolver.name(table)))
+        _FRESH.add(key)
+    _EXISTING.add(key)
     _register(spark, resolver, table)
+
+
+def _exists_now(spark: SparkSession, resolver: TableResolver, table: str) -> bool:
+    """Whether the table exists, asking the catalog or the Delta log again: after a lost
+    creation race this process's cached log still says "no table" (``isDeltaTable``)."""
+    location = resolver.location(table)
+    if location is None:
+        return bool(spark.catalog.tableExists(resolver.display_name(table)))
+    try:
+        spark.read.format("delta").load(location).schema  # noqa: B018 - reads the log anew
+    except Exception:  # noqa: BLE001 - not a Delta table (yet)
+        return False
+    return True
 
 
 def register_tables(spark: SparkSession, tables: "TableResolver | str") -> list[str]:
@@ -525,22 +562,26 @@ def merge_into(
     fresh = _session_key(spark, resolver.location(table) or resolver.name(table))
     if fresh in _FRESH:
         # Created empty by this process and not written since: the MERGE would insert every
-        # (deduplicated) source row, so an append does the same without the join.
+        # (deduplicated) source row, so one write does the same without the join.
         _FRESH.discard(fresh)
-        return {"inserted": append_rows(spark, resolver, table, source), "updated": 0,
-                **({"deleted": 0} if delete_missing else {})}
+        written = _first_write(spark, resolver, table, source)
+        if written is not None:
+            return {"inserted": written, "updated": 0, **({"deleted": 0} if delete_missing else {})}
     # Nullable key columns (gate_failures.doc_id) match null-safely: a rerun finds its rows.
     nullable = {f.name for f in spec.schema.fields if f.nullable}
     on = " AND ".join(f"t.`{c}` {'<=>' if c in nullable else '='} s.`{c}`" for c in spec.keys)
     types = {f.name: f.dataType for f in spec.schema.fields}
     unchanged = " AND ".join(_same(c, types[c]) for c in spec.content_columns)
-    target = _delta_table(spark, resolver, table).alias("t")
-    merge = target.merge(source.alias("s"), on)
-    merge = merge.whenMatchedUpdateAll(condition=f"NOT ({unchanged})") if unchanged else merge
-    merge = merge.whenNotMatchedInsertAll()
-    if delete_missing:
-        merge = merge.whenNotMatchedBySourceDelete()
-    result = merge.execute()
+
+    def run_merge() -> Any:
+        merge = _delta_table(spark, resolver, table).alias("t").merge(source.alias("s"), on)
+        merge = merge.whenMatchedUpdateAll(condition=f"NOT ({unchanged})") if unchanged else merge
+        merge = merge.whenNotMatchedInsertAll()
+        if delete_missing:
+            merge = merge.whenNotMatchedBySourceDelete()
+        return merge.execute()
+
+    result = _retry_conflicts(resolver.display_name(table), run_merge)
     row = result.first() if result is not None else None
     metrics = row.asDict() if row is not None else {}
     counts = {
@@ -552,14 +593,89 @@ def merge_into(
     return counts
 
 
+WRITE_ATTEMPTS = 6
+"""How many times a MERGE runs when other writers keep committing first (each run starts
+from the table's newest snapshot, so a rerun is exact: every MERGE is idempotent)."""
+
+_CONFLICT_MARKERS = ("[DELTA_CONCURRENT_", "[DELTA_METADATA_CHANGED", "[DELTA_PROTOCOL_CHANGED",
+                     "io.delta.exceptions.Concurrent", "io.delta.exceptions.MetadataChanged",
+                     "io.delta.exceptions.ProtocolChanged")
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is Delta's optimistic-concurrency conflict: another writer committed
+    to the table after this transaction read it (ConcurrentAppendException & co., typed or
+    still wrapped in a Py4JJavaError)."""
+    from delta.exceptions import base
+
+    typed = (base.DeltaConcurrentModificationException, base.ConcurrentWriteException,
+             base.MetadataChangedException, base.ProtocolChangedException, base.ConcurrentAppendException,
+             base.ConcurrentDeleteReadException, base.ConcurrentDeleteDeleteException,
+             base.ConcurrentTransactionException)
+    return isinstance(exc, typed) or any(marker in str(exc) for marker in _CONFLICT_MARKERS)
+
+
+def _retry_conflicts(name: str, write: Any) -> Any:
+    """``write()``, run again (with a growing, jittered pause) while it loses to concurrent
+    writers; after :data:`WRITE_ATTEMPTS` a :class:`TableWriteConflict` naming the table."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except Exception as exc:  # noqa: BLE001 - only Delta conflicts are retried
+            if not is_write_conflict(exc):
+                raise
+            reason = ": ".join(one_line(exc))
+            if attempt == WRITE_ATTEMPTS:
+                raise TableWriteConflict(
+                    f"{name}: {attempt} attempts lost to concurrent writers (another run on this workdir?): "
+                    f"{reason}") from None
+            log.warning("%s: a concurrent writer committed first (%s); writing again (attempt %d of %d)",
+                        name, reason, attempt + 1, WRITE_ATTEMPTS)
+            time.sleep(min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _first_write(spark: SparkSession, resolver: TableResolver, table: str, source: DataFrame) -> Optional[int]:
+    """The rows written into a table this process created empty, without a MERGE; ``None``
+    when a MERGE must do it instead (another writer has committed to the table).
+
+    An overwrite, not a blind append: Delta never checks a blind append against concurrent
+    commits, so a writer that MERGEd the same keys meanwhile would leave them twice. The
+    overwrite reads the table, so Delta rejects it when another commit landed after its
+    snapshot, and its commit's ``readVersion`` (found by a unique ``userMetadata``) says
+    whether that snapshot was still the empty table; if not, the rows it replaced are merged
+    back.
+    """
+    if table_version(spark, resolver, table) != 0:
+        return None
+    tag = f"refinex-first-write-{uuid.uuid4().hex}"
+    location = resolver.location(table)
+    target = resolver.name(table) if location is None else f"delta.`{location.replace('`', '``')}`"
+    try:
+        source.writeTo(target).option("userMetadata", tag).overwrite(F.lit(True))
+    except Exception as exc:  # noqa: BLE001 - a lost race falls back to the MERGE
+        if is_write_conflict(exc):
+            return None
+        raise
+    history = _delta_table(spark, resolver, table).history
+    commit = history(1).first()  # this write's commit, unless another one landed since
+    if commit is None or commit["userMetadata"] != tag:
+        commit = history().where(F.col("userMetadata") == tag).first()
+    if commit is None:
+        raise RuntimeError(f"{resolver.display_name(table)}: the commit of this write ({tag}) is not in the history")
+    if commit["readVersion"] not in (None, 0):
+        merge_into(spark, resolver, table, read_table(spark, resolver, table, version=int(commit["readVersion"])))
+    return int((commit["operationMetrics"] or {}).get("numOutputRows", 0) or 0)
+
+
 def append_rows(
     spark: SparkSession, tables: "TableResolver | str", table: str, df: DataFrame, count: bool = True
 ) -> int:
     """Append ``df`` (conformed to the table) without a MERGE; returns the rows written
     (read from the commit's metrics; -1 without ``count``, which saves that Delta read).
 
-    For rows that are new by construction (``stage_runs``: one per stage attempt) and for
-    tables this process has just created."""
+    For rows that are new by construction (``stage_runs``: one per stage attempt): a blind
+    append, which Delta never finds in conflict with another writer's."""
     resolver = as_resolver(tables)
     ensure_table(spark, resolver, table)
     _FRESH.discard(_session_key(spark, resolver.location(table) or resolver.name(table)))
