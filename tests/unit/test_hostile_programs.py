@@ -634,3 +634,30 @@ def test_many_remove_str_on_one_line_cost_as_much_as_on_many_lines() -> None:
         if ratio < 25:
             break
     assert ratio < 25, ratio
+
+
+def test_distinct_strings_on_one_long_line_have_bounded_cost() -> None:
+    """The worst case left for ``remove_str``: k *distinct* strings on one line of L chars,
+    each searched from the line's start (no earlier search of the same string to resume
+    from): at most k * L character comparisons, in C. 5,000 strings near the end of a
+    500,000-char line (2.5e9 comparisons at most) must stay under the big program's ceilings."""
+    words = [f"w{i:06d}" for i in range(500_000 // 8)]
+    raw = " ".join(words)
+    chosen = words[-5000:]
+    random.Random(3).shuffle(chosen)
+    program = Program(tuple(RemoveStr(0, f" {w}") for w in chosen))
+
+    started = time.process_time()
+    result = execute(program, raw, LENIENT)
+    cpu_seconds = time.process_time() - started
+    tracemalloc.start()
+    try:
+        execute(program, raw, LENIENT)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert result.ops_applied == 5000 and not result.ops_rejected
+    assert result.text == " ".join(words[:-5000])
+    assert cpu_seconds < BIG_PROGRAM_CPU_SECONDS_MAX, cpu_seconds
+    assert peak / 2**20 < BIG_PROGRAM_PEAK_MIB_MAX, peak / 2**20
