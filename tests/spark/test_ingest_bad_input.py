@@ -177,3 +177,21 @@ def test_an_empty_input_stops_the_pipeline_after_ingest(
     stages = {r["stage"] for r in read_table(spark, workdir, "stage_runs").collect()}
     assert "expert" not in stages and {"ingest", "pipeline"} <= stages
     assert os.path.isdir(workdir)
+
+
+def test_gzip_batches_are_bounded_by_bytes_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large pages end a batch before the line count does; lines stay numbered in order, and a
+    cut file still ends with its truncated_input row after the batches."""
+    import pandas as pd
+
+    from refinex.spark import ingest
+
+    monkeypatch.setattr(ingest, "_GZIP_BATCH_BYTES", 10_000)
+    records = [json.dumps({"id": f"d{i}", "text": "x" * 3000}) for i in range(10)]
+    path = tmp_path / "big.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(records) + "\n").encode("utf-8"))[:-12])  # cut short
+    frames = list(ingest._read_gzip_files(iter([pd.DataFrame({"path": [str(path)]})])))
+    assert len(frames) >= 3 and all(len(f) <= 4 for f in frames)  # ~3 KB per line, 10 KB per batch
+    rows = pd.concat(frames)
+    assert list(rows["line_no"]) == list(range(1, len(rows) + 1))
+    assert rows["read_reason"].iloc[-1] == "truncated_input" and rows["read_reason"].iloc[:-1].isna().all()
