@@ -35,7 +35,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit, urlunsplit
@@ -45,6 +45,7 @@ import httpx
 from refinex.experts.base import FAILED, OK, ExpertInput, ExpertOutput
 from refinex.experts.cache import CachedResponse, ResponseCache, cache_key, doc_hash
 from refinex.httputil import retry_after_seconds
+from refinex.settings import settings_from_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +186,7 @@ class LLMConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "LLMConfig":
         """Build from a mapping; unknown keys are an error (typos must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown LLM expert settings: {', '.join(unknown)}")
-        return cls(**dict(values))
+        return settings_from_mapping(cls, values, "LLM expert")
 
     @classmethod
     def from_yaml(cls, path: Union[str, "os.PathLike[str]"] = DEFAULT_CONFIG_PATH, **overrides: Any) -> "LLMConfig":

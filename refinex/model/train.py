@@ -24,7 +24,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, TypeVar, Union
@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, TypeVar, Union
 from refinex.model.bases import prepare_base, read_base_info, train_defaults
 from refinex.model.prompts import PROMPT_VERSION
 from refinex.model.sft import SftPair, split_pairs
+from refinex.settings import settings_from_mapping
 
 __all__ = [
     "MODEL_INFO_FILE",
@@ -121,11 +122,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         """Build from a mapping (e.g. a YAML section); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training settings: {unknown}")
-        return cls(**dict(values))
+        return settings_from_mapping(cls, values, "training")
 
     @classmethod
     def for_base(
@@ -566,6 +563,22 @@ def read_model_info(path: Union[str, os.PathLike[str]]) -> dict[str, Any]:
     """The ``refinex_model.json`` of a trained checkpoint, or ``{}`` when there is none."""
     info = Path(path) / MODEL_INFO_FILE
     return json.loads(info.read_text(encoding="utf-8")) if info.is_file() else {}
+
+
+def weights_hash(checkpoint: Union[str, os.PathLike[str]]) -> Any:
+    """A sha256 (hashlib object, to extend or finish) over a checkpoint's weight files
+    (``*.safetensors``, ``*.bin``; name, size and content, in name order): what identifies
+    its weights in a model version and in caches of features computed from them."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(checkpoint).iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", ".bin"):
+            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+    return digest
 
 
 def plot_loss_curve(result: TrainResult, path: Union[str, os.PathLike[str]]) -> Path:

@@ -27,7 +27,6 @@ Documents that already have a program of that version are skipped unless ``force
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -104,14 +103,9 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<al
 
 def _weights_digest(checkpoint: Path) -> str:
     """sha256 (12 hex) over the checkpoint's weight files (name, size and content)."""
-    digest = hashlib.sha256()
-    for path in sorted(checkpoint.iterdir()):
-        if path.is_file() and path.suffix in (".safetensors", ".bin"):
-            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-            with path.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()[:12]
+    from refinex.model.train import weights_hash
+
+    return str(weights_hash(checkpoint).hexdigest()[:12])
 
 
 def decoding_suffix(config: Config, constrained: bool, model_info: Optional[Mapping[str, Any]] = None) -> str:

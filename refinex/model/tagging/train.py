@@ -26,7 +26,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -38,6 +38,7 @@ from refinex.model.tagging.labels import (
     chunk_labels,
     kept_char_f1,
 )
+from refinex.settings import settings_from_mapping
 
 __all__ = ["HEAD_TAG", "TagExample", "TagTrainConfig", "TagTrainResult", "tag_examples", "train_tagger"]
 
@@ -117,11 +118,7 @@ class TagTrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TagTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown tag settings: {unknown}")
-        return cls(**dict(values))
+        return settings_from_mapping(cls, values, "tag")
 
     @classmethod
     def for_base(cls, base: Union[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> "TagTrainConfig":
@@ -322,12 +319,9 @@ class _FeatureStore:
         self.vectors: dict[str, Any] = {}
         if folder is None:
             return
-        digest = hashlib.sha256()
-        for weights in sorted(Path(base_path).glob("*.safetensors")):
-            digest.update(f"{weights.name}\0{weights.stat().st_size}\0".encode())
-            with weights.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(block)
+        from refinex.model.train import weights_hash
+
+        digest = weights_hash(base_path)
         digest.update(json.dumps({"max_line_tokens": architecture.max_line_tokens,
                                   "window_tokens": architecture.window_tokens, "precision": precision},
                                  sort_keys=True).encode())
