@@ -64,6 +64,32 @@ def _output_width(model: Any) -> int:
     return int(model.config.vocab_size)
 
 
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    auto_class: Any,
+    device: Optional[str] = None,
+    dtype: Optional[Any] = None,
+    attn_implementation: Optional[str] = None,
+) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, torch dtype) of a local checkpoint, offline, through ``auto_class``
+    (``AutoModelForCausalLM``, ``AutoModel``): on CUDA when present unless ``device`` says,
+    in the dtype :func:`refinex.model.precision.torch_dtype_for` picks for it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from refinex.model.precision import torch_dtype_for
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = torch_dtype_for(dtype, str(device))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = auto_class.from_pretrained(str(path), **kwargs).to(device)
+    return model, tokenizer, torch_dtype
+
+
 class HFBackend:
     """Refine-model inference with a ``transformers`` causal LM.
 
@@ -129,19 +155,9 @@ class HFBackend:
         """Load a local checkpoint directory (offline). Defaults: CUDA + bfloat16 (float16 on
         GPUs without bf16) when a GPU is present, else CPU + float32; ``dtype="auto"`` is
         bfloat16 wherever it is native (:func:`refinex.model.precision.torch_dtype_for`)."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from refinex.model.precision import torch_dtype_for
-
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch_dtype_for(dtype, str(device))
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).to(device)
+        model, tokenizer, _ = load_checkpoint(path, AutoModelForCausalLM, device, dtype, attn_implementation)
         return cls(model, tokenizer, config, **options)
 
     def close(self) -> None:

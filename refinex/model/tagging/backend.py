@@ -77,10 +77,9 @@ class TagBackend:
     ) -> "TagBackend":
         """Load a tagging checkpoint (offline). Defaults: CUDA + bf16 when present, else CPU +
         fp32 (``dtype="auto"``: bf16 where the CPU has it natively)."""
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        from refinex.model.precision import torch_dtype_for
+        from refinex.model.backends.hf import load_checkpoint
         from refinex.model.tagging.model import HEAD_FILE, TagArchitecture, load_head
         from refinex.model.train import read_model_info
 
@@ -88,16 +87,10 @@ class TagBackend:
         if info.get("head") != "tag":
             raise ValueError(f"{path} is not a tagging-head model (refinex_model.json has no head 'tag')")
         tag = info["tag"]
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = torch_dtype_for(dtype, str(device))
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        base, tokenizer, torch_dtype = load_checkpoint(path, AutoModel, device, dtype, attn_implementation)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        base = AutoModel.from_pretrained(str(path), **kwargs).to(device)
+        device = str(next(base.parameters()).device)
         architecture = TagArchitecture.from_dict(tag["architecture"])
         head = load_head(os.path.join(str(path), HEAD_FILE), architecture, int(tag["layout_features"]), device)
         chosen = float(tag["threshold"]) if threshold is None else float(threshold)
