@@ -9,10 +9,7 @@ documents that failed before (the server counts them).
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,20 +22,8 @@ from refinex.spark.registry import run_stage
 from refinex.spark.tables import TABLES, merge_into, read_table
 from refinex.status import ALL_STATUSES, EXPERT_FAILED
 
-
-def _stub_module() -> Any:
-    """``tests/experts/chat_stub_server.py``, whatever pytest's import mode (as test_expert_llm)."""
-    name = "refinex_tests_chat_stub_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "experts" / "chat_stub_server.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ChatStubServer = _stub_module().ChatStubServer
+# tests/experts, importable as the package ``experts`` (pytest puts tests/ on sys.path).
+from experts.chat_stub_server import ChatStubServer
 
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
 MAX_ATTEMPTS = 3

@@ -7,9 +7,7 @@ passing run shows that the driver resolved it and shipped it to the Python worke
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,22 +26,8 @@ from refinex.spark.registry import run_stage
 from refinex.spark.expert import configure_expert
 from refinex.spark.tables import TABLES, merge_into, read_table
 
-
-def _stub_module() -> Any:
-    """``tests/experts/chat_stub_server.py``, whatever pytest's import mode."""
-    name = "refinex_tests_chat_stub_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "experts" / "chat_stub_server.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_stub = _stub_module()
-ChatStubServer = _stub.ChatStubServer
-INVENTED_SENTENCE: str = _stub.INVENTED_SENTENCE
+# tests/experts, importable as the package ``experts`` (pytest puts tests/ on sys.path).
+from experts.chat_stub_server import INVENTED_SENTENCE, ChatStubServer
 
 SECRET = "sk-refinex-leakcheck-4e9b1c07d2a8f635"
 KEY_ENV = "REFINEX_EXPERT_API_KEY"
