@@ -40,10 +40,9 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from report import cpu_model, load_average, use_offline_environment, write_section  # noqa: E402
 
-from report import cpu_model, load_average, write_section  # noqa: E402
+use_offline_environment()
 
 from refinex.evaluation import load_pages, score_outputs  # noqa: E402
 

@@ -6,6 +6,20 @@ import platform
 from pathlib import Path
 
 
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",  # models come from local checkpoints only
+    "TOKENIZERS_PARALLELISM": "false",  # no fork warnings from the tokenizers' thread pool
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # progress bars would flood the logs
+}
+
+
+def use_offline_environment() -> None:
+    """Defaults for a benchmark's environment (what is already set wins); call it before
+    importing transformers or MLflow."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
     try:

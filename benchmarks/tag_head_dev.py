@@ -33,10 +33,6 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 from refine_model_dev import (  # noqa: E402
     DEFAULT_PAGES,
     line_tagger_outputs,
@@ -46,7 +42,9 @@ from refine_model_dev import (  # noqa: E402
     run_variant,
     split_ids,
 )
-from report import cpu_model, load_average, write_section  # noqa: E402
+from report import cpu_model, load_average, use_offline_environment, write_section  # noqa: E402
+
+use_offline_environment()
 
 from refinex.config import load_config  # noqa: E402
 from refinex.evaluation import load_pages, score_outputs  # noqa: E402
