@@ -38,6 +38,7 @@ from refinex.model.tagging.labels import (
     chunk_labels,
     kept_char_f1,
 )
+from refinex.model.train import MODEL_INFO_FORMAT, SCHEDULES  # one checkpoint format, one set of schedules
 from refinex.settings import settings_from_mapping
 
 __all__ = ["HEAD_TAG", "TagExample", "TagTrainConfig", "TagTrainResult", "tag_examples", "train_tagger"]
@@ -45,8 +46,6 @@ __all__ = ["HEAD_TAG", "TagExample", "TagTrainConfig", "TagTrainResult", "tag_ex
 logger = logging.getLogger(__name__)
 
 HEAD_TAG = "tag"
-MODEL_INFO_FORMAT = "refinex-model-v1"
-SCHEDULES = ("cosine", "linear", "constant_with_warmup")
 
 
 @dataclass(frozen=True)
