@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -279,6 +280,29 @@ def check_inputs(values: Any) -> None:
         expand_local_inputs([inputs] if isinstance(inputs, str) else list(inputs))
 
 
+@dataclass(frozen=True)
+class InputCounts:
+    """What the input holds: physical lines, blank lines, characters of all lines."""
+
+    lines: int
+    blank: int
+    chars: int
+
+    def __add__(self, other: "InputCounts") -> "InputCounts":
+        return InputCounts(self.lines + other.lines, self.blank + other.blank, self.chars + other.chars)
+
+
+PARSE_PARTITION_CHARS = 64 * 2**20
+"""About this many input characters per parse task: a partition is parsed, windowed by
+doc_id and cached as one block, so its size must not grow with the corpus (10,000 dev pages,
+1.4 GB of HTML, in two partitions ran the local JVM out of heap)."""
+
+
+def parse_partitions(chars: int, minimum: int) -> int:
+    """Partitions for parsing ``chars`` characters: at least ``minimum`` (the cores)."""
+    return max(minimum, -(-chars // PARSE_PARTITION_CHARS))
+
+
 READ_SCHEMA = StructType([
     StructField("value", StringType()),
     StructField("input_file", StringType(), False),
@@ -345,9 +369,9 @@ def _gzip_lines(spark: SparkSession, files: Sequence[str]) -> DataFrame:
     return listing.mapInPandas(_read_gzip_files, READ_SCHEMA)
 
 
-def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
+def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, InputCounts]:
     """``value, input_file, line_no, read_reason, read_detail`` for every physical line of
-    the JSONL input, with the numbers of lines and blank lines: local gzip files through
+    the JSONL input, with its counts: local gzip files through
     :func:`_read_gzip_files`, the rest through Spark's text reader (:func:`_text_lines`)."""
     from refinex.locations import is_local
 
@@ -356,29 +380,30 @@ def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, 
     chosen = set(gzipped)
     others = [f for f in files if f not in chosen]
     parts: list[DataFrame] = []
-    n_lines = n_blank = 0
+    counts = InputCounts(0, 0, 0)
     if others:
-        text, n, blank = _text_lines(spark, others)
+        text, found = _text_lines(spark, others)
         parts.append(text.withColumns({"read_reason": F.lit(None).cast("string"),
                                        "read_detail": F.lit(None).cast("string")}))
-        n_lines, n_blank = n_lines + n, n_blank + blank
+        counts = counts + found
     if gzipped:
         lines = _gzip_lines(spark, gzipped)
-        counts = lines.agg(F.count(F.lit(1)).alias("n"), F.count(F.when(_blank(), F.lit(1))).alias("blank")).first()
+        row = lines.agg(F.count(F.lit(1)).alias("n"), F.count(F.when(_blank(), F.lit(1))).alias("blank"),
+                        F.sum(F.length("value")).alias("chars")).first()
         parts.append(lines)
-        n_lines, n_blank = n_lines + int(counts["n"]), n_blank + int(counts["blank"])
+        counts = counts + InputCounts(int(row["n"]), int(row["blank"]), int(row["chars"] or 0))
     if not parts:
-        return spark.createDataFrame([], READ_SCHEMA), 0, 0
+        return spark.createDataFrame([], READ_SCHEMA), counts
     combined = parts[0]
     for part in parts[1:]:
         combined = combined.unionByName(part)
-    return combined, n_lines, n_blank
+    return combined, counts
 
 
-def _text_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
+def _text_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, InputCounts]:
     """``value, input_file, line_no`` for every physical line of the JSONL input files.
 
-    Also returns the number of lines and of blank lines. A line's number is its position
+    Also returns the numbers of lines, blank lines and characters. A line's number is its position
     within its split plus the number of lines in the file's earlier splits (splits are
     ordered by byte offset; a split's rows are consecutive ``monotonically_increasing_id``
     values within one task).
@@ -395,6 +420,7 @@ def _text_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, i
             F.min("row_id").alias("first_row"),
             F.count(F.lit(1)).alias("n"),
             F.count(F.when(_blank(), F.lit(1))).alias("blank"),
+            F.sum(F.length("value")).alias("chars"),
         )
         .collect()
     )
@@ -416,10 +442,11 @@ def _text_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, i
         "input_file",
         (F.col("lines_before") + F.col("row_id") - F.col("first_row") + 1).alias("line_no"),
     )
-    return lines, sum(int(r["n"]) for r in splits), sum(int(r["blank"]) for r in splits)
+    return lines, InputCounts(sum(int(r["n"]) for r in splits), sum(int(r["blank"]) for r in splits),
+                              sum(int(r["chars"] or 0) for r in splits))
 
 
-def _parquet_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, int, int]:
+def _parquet_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, InputCounts]:
     """Parquet rows as JSON lines: ``value, input_file, line_no`` (1-based row index)."""
     df = spark.read.parquet(*expand_local_inputs(paths))
     lines = df.select(
@@ -429,12 +456,13 @@ def _parquet_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame
         F.lit(None).cast("string").alias("read_reason"),
         F.lit(None).cast("string").alias("read_detail"),
     )
-    return lines, df.count(), 0
+    row = lines.agg(F.count(F.lit(1)).alias("n"), F.sum(F.length("value")).alias("chars")).first()
+    return lines, InputCounts(int(row["n"]), 0, int(row["chars"] or 0))
 
 
-def read_lines(spark: SparkSession, paths: Sequence[str], fmt: str) -> tuple[DataFrame, int, int]:
-    """The input as ``value, input_file, line_no, read_reason, read_detail`` rows, with the
-    line and blank-line counts."""
+def read_lines(spark: SparkSession, paths: Sequence[str], fmt: str) -> tuple[DataFrame, InputCounts]:
+    """The input as ``value, input_file, line_no, read_reason, read_detail`` rows, with its
+    counts."""
     return _parquet_lines(spark, paths) if fmt == "parquet" else _jsonl_lines(spark, paths)
 
 
@@ -460,8 +488,9 @@ def ingest_documents(
     paths = [input_paths] if isinstance(input_paths, str) else list(input_paths)
     ic = config.ingest
     fmt = detect_format(paths, ic.format)
-    lines, n_lines, n_blank = read_lines(spark, paths, fmt)
-    records_in = n_lines - n_blank
+    lines, counts_in = read_lines(spark, paths, fmt)
+    n_blank = counts_in.blank
+    records_in = counts_in.lines - n_blank
     if records_in == 0:
         log.warning("ingest: no input records in %s (%d blank lines): nothing to ingest", ", ".join(paths), n_blank)
         ctx.record(input=paths, format=fmt)
@@ -493,7 +522,7 @@ def ingest_documents(
             F.format_string(f"the record has %d characters (limit {ic.max_record_chars})", length),
         )
         .alias("pre_detail"),
-    ).repartition(config.spark.partitions, "input_file", "line_no")
+    ).repartition(parse_partitions(counts_in.chars, config.spark.partitions), "input_file", "line_no")
     parsed = lines.mapInPandas(_parse_partition(ic.n_shards, ic.max_text_chars, ic.max_html_chars), PARSED_SCHEMA)
     by_id = Window.partitionBy("doc_id").orderBy("input_file", "line_no")
     parsed = parsed.withColumn(

@@ -82,6 +82,17 @@ def _prepare_local_env() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *paths])
 
 
+def local_driver_memory() -> str:
+    """The local JVM's heap: a quarter of this machine's memory, 1-16 GiB. In local mode the
+    driver JVM is also the only executor, and Spark's default heap (1 GiB) ran out on 10,000
+    real pages; ``spark.conf`` ``spark.driver.memory`` overrides it."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not POSIX: Spark's default
+        return "1g"
+    return f"{min(16 * 1024, max(1024, total // 4 // 2**20))}m"
+
+
 def _local_session(config: Config, workdir: Optional[str]) -> SparkSession:
     active = SparkSession.getActiveSession()
     if active is not None:
@@ -99,6 +110,7 @@ def _local_session(config: Config, workdir: Optional[str]) -> SparkSession:
         "spark.driver.bindAddress": os.environ["SPARK_LOCAL_IP"],
         # Delta reads its log with this many tasks (default 50: far too many on one machine).
         "spark.databricks.delta.snapshotPartitions": str(sc.partitions),
+        "spark.driver.memory": local_driver_memory(),
         **runtime_conf(config),
     }
     # With the quick compiler only, the JVM reserves a 48 MB code cache, which a long run

@@ -195,3 +195,17 @@ def test_gzip_batches_are_bounded_by_bytes_too(tmp_path: Path, monkeypatch: pyte
     rows = pd.concat(frames)
     assert list(rows["line_no"]) == list(range(1, len(rows) + 1))
     assert rows["read_reason"].iloc[-1] == "truncated_input" and rows["read_reason"].iloc[:-1].isna().all()
+
+
+def test_parse_partitions_grow_with_the_input_not_the_cores() -> None:
+    from refinex.spark.ingest import PARSE_PARTITION_CHARS, parse_partitions
+
+    assert parse_partitions(0, 2) == parse_partitions(PARSE_PARTITION_CHARS, 2) == 2
+    assert parse_partitions(10 * PARSE_PARTITION_CHARS + 1, 2) == 11
+
+
+def test_the_local_heap_is_sized_to_the_machine_unless_configured(spark: SparkSession) -> None:
+    from refinex.spark.session import local_driver_memory
+
+    assert 1024 <= int(local_driver_memory().rstrip("m")) <= 16 * 1024
+    assert spark.sparkContext.getConf().get("spark.driver.memory") == "2g"  # conf/test.yaml's spark.conf
