@@ -257,11 +257,12 @@ def render(results: list[dict[str, Any]]) -> str:
         SECTION, "",
         f"Machine: {first['cpu']}, {first['cores']} cores, shared with other sessions; {first['date']}.",
         f"Command: `python benchmarks/load_run.py --docs N --workdir <fresh dir> --json <file>` for N = {sizes}, "
-        f"then `--render-json <files> --write-benchmarks`.",
+        f"then `--render-json <files> --reading benchmarks/results/load-reading.md --write-benchmarks` (the results: "
+        f"`benchmarks/results/load-<N>.json`).",
         "Corpus: N documents drawn in turn from the dev pages (real HTML: real page sizes; each copy has its own id "
         "and URL) in 16 gzip files, through one `refinex pipeline --skip-model` (gates and evaluation off). Peak "
         "memory is the resident size sampled every 0.5 s: the driver (the `refinex` Python process), its JVM (in "
-        "local mode also the only executor; heap 6 GiB = a quarter of the machine) and the Python workers together. "
+        "local mode also the only executor; heap 5.9 GiB = a quarter of the machine) and the Python workers together. "
         "The plain loop is each stage's pure per-document work in one Python process on the first 1,000 documents "
         "(`stage_overhead.py`'s functions); ratio = the stage's wall time per document over the loop's, and per core "
         "second (the stage had both cores, the loop one).",
