@@ -459,14 +459,41 @@ def ensure_table(spark: SparkSession, tables: "TableResolver | str", table: str)
             if spec.partition_by:
                 builder = builder.partitionedBy(*spec.partition_by)
             builder.execute()
-    except Exception:
-        if not _exists_now(spark, resolver, table):
+    except Exception as exc:
+        if not _created_by_another(spark, resolver, table, wait=_lost_creation_race(exc)):
             raise
         log.debug("%s was created by another writer", resolver.display_name(table))
     else:
         _FRESH.add(key)
     _EXISTING.add(key)
     _register(spark, resolver, table)
+
+
+CREATION_WAIT_S = 15.0
+"""How long a failed CREATE waits for another writer's creation commit to appear: Delta
+refuses a location that another process is creating ("not empty and also not a Delta
+table") until that process's first commit lands."""
+
+
+_CREATION_RACE_MARKERS = ("DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION", "ALREADY_EXISTS", "already exists",
+                          "ProtocolChanged", "DELTA_PROTOCOL_CHANGED")
+
+
+def _lost_creation_race(exc: BaseException) -> bool:
+    """Whether a CREATE failed the way it does when another writer creates the table too."""
+    return any(marker in str(exc) for marker in _CREATION_RACE_MARKERS)
+
+
+def _created_by_another(spark: SparkSession, resolver: TableResolver, table: str, wait: bool) -> bool:
+    """After a failed CREATE: whether another writer made the table (when ``wait``, up to
+    :data:`CREATION_WAIT_S` for its commit to appear)."""
+    deadline = time.monotonic() + (CREATION_WAIT_S if wait else 0.0)
+    while True:
+        if _exists_now(spark, resolver, table):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
 
 
 def _exists_now(spark: SparkSession, resolver: TableResolver, table: str) -> bool:

@@ -652,3 +652,33 @@ def test_an_unconverted_java_error_is_one_readable_line(spark: SparkSession) -> 
         spark.sparkContext._jvm.java.lang.Class.forName("no.such.Refiner")
     assert str(caught.value).startswith("An error occurred while calling")
     assert one_line(caught.value) == ("ClassNotFoundException", "no.such.Refiner")
+
+
+def test_a_creation_caught_half_way_waits_for_the_other_writer(spark: SparkSession, workdir: str) -> None:
+    """Another process is creating the table: its folder exists but holds no commit yet, so
+    Delta refuses a CREATE there ("not empty and also not a Delta table"). The writer waits
+    for the other's commit instead of failing (a run of the two-pipelines test hit this)."""
+    import threading
+
+    from delta.tables import DeltaTable
+
+    from refinex.spark.tables import TableResolver, ensure_table, table_path
+
+    resolver = TableResolver(workdir=workdir, register=False)
+    location = Path(table_path(workdir, "programs"))
+    location.mkdir(parents=True)
+    (location / "part-being-written.tmp").write_text("another writer's file")
+
+    def other_writer() -> None:  # lands its creation commit after this writer's CREATE failed
+        time.sleep(6.0)
+        (location / "part-being-written.tmp").unlink()
+        DeltaTable.create(spark).location(str(location)).addColumns(TABLES["programs"].schema).execute()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    try:
+        ensure_table(spark, resolver, "programs")
+    finally:
+        thread.join()
+    history = DeltaTable.forPath(spark, str(location)).history().collect()
+    assert [(r["version"], r["operation"]) for r in history] == [(0, "CREATE TABLE")]
