@@ -475,13 +475,13 @@ refuses a location that another process is creating ("not empty and also not a D
 table") until that process's first commit lands."""
 
 
-_CREATION_RACE_MARKERS = ("DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION", "ALREADY_EXISTS", "already exists",
-                          "ProtocolChanged", "DELTA_PROTOCOL_CHANGED")
+_CREATION_RACE_MARKERS = ("DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION", "ALREADY_EXISTS", "already exists")
 
 
 def _lost_creation_race(exc: BaseException) -> bool:
-    """Whether a CREATE failed the way it does when another writer creates the table too."""
-    return any(marker in str(exc) for marker in _CREATION_RACE_MARKERS)
+    """Whether a CREATE failed the way it does when another writer creates the table too:
+    the table is there already or half made, or Delta's conflict check (ProtocolChanged)."""
+    return is_write_conflict(exc) or any(marker in str(exc) for marker in _CREATION_RACE_MARKERS)
 
 
 def _created_by_another(spark: SparkSession, resolver: TableResolver, table: str, wait: bool) -> bool:
