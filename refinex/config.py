@@ -212,10 +212,13 @@ class SftConfig:
 
     origin_version: Optional[str] = None
     validation_fraction: float = 0.1
+    train_sample: float = 1.0
 
     def validate(self) -> None:
         if not 0.0 <= float(self.validation_fraction) <= 1.0:
             raise ConfigError(f"sft.validation_fraction must be in [0, 1], got {self.validation_fraction}")
+        if not 0.0 < float(self.train_sample) <= 1.0:
+            raise ConfigError(f"sft.train_sample must be in (0, 1], got {self.train_sample}")
 
 
 @dataclass(frozen=True)

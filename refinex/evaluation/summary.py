@@ -6,9 +6,10 @@ the metric columns of an ``evaluations`` row with :func:`scope_metrics`. Both ha
 plain Python so that tests, notebooks and the promotion gates get the same numbers without
 Spark.
 
-Gold decides the score family by its shape, which is the shared README's rule by source:
+Gold decides the score families by its shape, which is the shared README's rule by source:
 ``{"with": [...], "without": [...]}`` (``trafilatura-eval``) scores snippets,
-``{"article_body": ...}`` (``scrapinghub-aeb``) scores bag-of-words.
+``{"article_body": ...}`` (``scrapinghub-aeb``) scores bag-of-words, and a page with both
+(``wcxb``) counts in both.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ SNIPPET = "snippet"
 BOW = "bow"
 
 COUNT_COLUMNS: tuple[str, ...] = (
-    "documents",
+    "documents", "gold_documents",
     # gold: refined output (score family by the gold's shape) and the raw text (baseline)
     "snippet_pages", "snippet_tp", "snippet_fp", "snippet_tn", "snippet_fn",
     "raw_snippet_tp", "raw_snippet_fp", "raw_snippet_tn", "raw_snippet_fn",
@@ -61,18 +62,20 @@ def parse_gold(value: Union[str, Gold, None]) -> Optional[Gold]:
         gold = json.loads(value) if isinstance(value, str) else value
     except ValueError:  # not JSON (a pages file whose gold is a bare string): no gold
         return None
-    return gold if isinstance(gold, Mapping) and gold_family(gold) is not None else None
+    return gold if isinstance(gold, Mapping) and gold_families(gold) else None
 
 
-def gold_family(gold: Optional[Gold]) -> Optional[str]:
-    """``snippet``, ``bow`` or None (see the module docstring)."""
+def gold_families(gold: Optional[Gold]) -> tuple[str, ...]:
+    """The score families of a page's gold: ``snippet``, ``bow``, both, or none (see the
+    module docstring)."""
     if not gold:
-        return None
-    if isinstance(gold.get("article_body"), str):
-        return BOW
+        return ()
+    families = []
     if isinstance(gold.get("with"), list) or isinstance(gold.get("without"), list):
-        return SNIPPET
-    return None
+        families.append(SNIPPET)
+    if isinstance(gold.get("article_body"), str):
+        families.append(BOW)
+    return tuple(families)
 
 
 def document_counts(
@@ -95,14 +98,15 @@ def document_counts(
     counts = dict.fromkeys(COUNT_COLUMNS, 0)
     counts["documents"] = 1
     output = refined_text if refined_text is not None else ""
-    family = gold_family(gold)
-    if family == SNIPPET:
+    families = gold_families(gold)
+    counts["gold_documents"] = int(bool(families))
+    if SNIPPET in families:
         assert gold is not None
         for prefix, text in (("snippet", output), ("raw_snippet", raw)):
             c = snippet_counts(text, gold)
             counts.update({f"{prefix}_tp": c.tp, f"{prefix}_fp": c.fp, f"{prefix}_tn": c.tn, f"{prefix}_fn": c.fn})
         counts["snippet_pages"] = 1
-    elif family == BOW:
+    if BOW in families:
         assert gold is not None
         overlap, out, gold_tokens = bow_counts(output, gold["article_body"])
         raw_overlap, raw_out, _ = bow_counts(raw, gold["article_body"])
@@ -133,7 +137,7 @@ def scope_metrics(totals: Mapping[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = dict.fromkeys(METRIC_COLUMNS)
     out["documents"] = n("documents")
-    out["gold_pages"] = n("snippet_pages") + n("bow_pages")
+    out["gold_pages"] = n("gold_documents")
     out["bow_pages"] = n("bow_pages")
     if n("snippet_pages"):
         refined = snippet_scores([Counts(n("snippet_tp"), n("snippet_fp"), n("snippet_tn"), n("snippet_fn"))])

@@ -8,6 +8,10 @@ Profiles live in ``conf/model/<name>.yaml`` and have a ``kind``:
   for ``smollm2-135m``), dequantised once by transformers into a safetensors checkpoint.
 * ``local``: a checkpoint directory named by ``path`` or by the environment variable in
   ``path_env`` (production: Qwen3-0.6B-Base).
+* ``hashed``: no pretrained weights at all: the fast tier (:mod:`refinex.model.fast`)
+  reads lines as hashed n-grams. Its folder holds only ``refinex_base.json``, which names
+  how chunks are counted (``counter``: whitespace-separated words, ``max_tokens`` per
+  chunk, so that a chunk is a whole document but for the longest ones).
 
 Any name that is not a profile is taken as a path to a local checkpoint directory. Nothing
 is ever downloaded. Built bases are cached under ``$REFINEX_CACHE/bases`` (default
@@ -34,7 +38,7 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # Bump when the tiny build changes in a way that must invalidate cached tiny bases.
 TINY_BUILD_VERSION = 1
-KINDS = ("tiny", "gguf_package", "local")
+KINDS = ("tiny", "gguf_package", "local", "hashed")
 
 # Pre-tokenisation of the tiny tokenizer: GPT-2 style pieces, except that the program
 # keywords and whole ``[NNN]`` line ids stay single pieces and digit runs are split in
@@ -167,9 +171,11 @@ def prepare_base(
             return _prepare_tiny(profile, cache, corpus_texts or ())
         if profile.kind == "gguf_package":
             return _prepare_gguf_package(profile, cache)
+        if profile.kind == "hashed":
+            return _prepare_hashed(profile, cache)
         return _resolve_local_profile(profile)
     path = Path(name).expanduser()
-    if is_checkpoint_dir(path):
+    if is_checkpoint_dir(path) or read_base_info(path).get("kind") == "hashed":
         return path.resolve()
     raise BaseNotFoundError(
         f"{name!r} is neither a base profile {list_profiles()} nor a checkpoint directory"
@@ -431,6 +437,25 @@ def _prepare_gguf_package(profile: BaseProfile, cache: Path) -> Path:
         return keep_first_layers(tmp, int(keep)) if keep is not None else tmp
 
     return _cached_build(cache / f"{profile.name}-{version}-{sha[:12]}{suffix}", build, info)
+
+
+# --- hashed -------------------------------------------------------------------------------
+
+
+def _prepare_hashed(profile: BaseProfile, cache: Path) -> Path:
+    counter = dict(profile.settings.get("counter") or {"kind": "whitespace"})
+    if counter.get("kind") != "whitespace":
+        raise ValueError(f"profile {profile.name!r}: counter.kind must be 'whitespace', got {counter.get('kind')!r}")
+    info = {"base": profile.name, "kind": profile.kind, "counter": counter}
+    return _cached_build(cache / f"{profile.name}-{profile.fingerprint()[:12]}", lambda tmp: tmp, info)
+
+
+def is_hashed_base(name_or_path: str | os.PathLike[str]) -> bool:
+    """Whether a base (profile name or prepared folder) is a ``hashed`` one (the fast tier)."""
+    name = str(name_or_path)
+    if name in list_profiles():
+        return load_profile(name).kind == "hashed"
+    return read_base_info(Path(name)).get("kind") == "hashed"
 
 
 # --- local --------------------------------------------------------------------------------

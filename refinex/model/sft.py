@@ -96,6 +96,21 @@ def assign_split(doc_id: str, validation_fraction: float = DEFAULT_VALIDATION_FR
     return VALIDATION if position < validation_fraction else TRAIN
 
 
+SAMPLE_SALT = "refinex-train-sample"
+
+
+def in_train_sample(doc_id: str, sample: float) -> bool:
+    """Whether a training document is in the training sample of share ``sample`` (a hash of
+    the doc id, independent of the split's): nested, so a document of the 25 % sample is also
+    in the 50 % one, and the same on every run."""
+    if not 0.0 < sample <= 1.0:
+        raise ValueError(f"sample must be in (0, 1], got {sample}")
+    if sample >= 1.0:
+        return True
+    digest = hashlib.sha256(f"{SAMPLE_SALT}\x00{doc_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < sample
+
+
 def build_sft_pairs(
     doc_id: str,
     raw: str,

@@ -10,7 +10,8 @@ document, the workers compute (``refinex.evaluation.summary.document_counts``):
   on the same raw text, for deletion precision/recall/F1 (not for ``distilled`` itself);
 - new words and the reliability flags (untouched, emptied, fallback, invalid).
 
-Counts are summed in Spark per scope (``all`` and each source), with the deletion-ratio
+Counts are summed in Spark per scope (``all``, each source, and each ``<source>/<page
+type>`` where the documents' metadata has a ``page_type``), with the deletion-ratio
 mean and quantiles and the plots' histograms (from ``edit_stats``, the figures ``validate``
 and ``report`` show too, where the ``stats`` stage ran for the version; else the same
 figures of ``refined_documents.exec_stats``); only those few rows reach the driver,
@@ -18,7 +19,7 @@ which turns them into ``evaluations`` rows (``scope_metrics``). Without gold the
 figures are still written (``gold_pages`` 0, score columns null).
 
 The run is recorded in MLflow (experiment ``evaluate.mlflow_experiment``: params, metrics
-named like the ``evaluations`` columns, ``<source>.<metric>`` per source, the plots as
+named like the ``evaluations`` columns, ``<scope>.<metric>`` per source and page type, the plots as
 artifacts); for a registry model version (``<registered name>/<N>``) the scope-``all``
 figures are also set as ``refinex.eval.<metric>`` tags on that version, which gated
 promotion reads. MLflow being unreachable is a warning, never a failure.
@@ -70,6 +71,7 @@ _PASSED_THROUGH = (
 DOCUMENT_SCHEMA = StructType([
     StructField("doc_id", StringType(), False),
     StructField("source", StringType(), False),
+    StructField("page_type", StringType()),
     *[StructField(name, LongType(), False) for name in COUNT_COLUMNS],
     StructField("expert_deletion_ratio", DoubleType()),
     *_PASSED_THROUGH,
@@ -116,7 +118,8 @@ def _evaluate_partition(max_error_ratio: float, min_kept_chars: int) -> Callable
                     parse_gold(value(record["gold"])), guardrails,
                 )
                 expert_ratio = counts["expert_deleted"] / len(raw) if counts["compared"] and raw else None
-                rows.append({"doc_id": record["doc_id"], "source": record["source"], **counts,
+                rows.append({"doc_id": record["doc_id"], "source": record["source"],
+                             "page_type": value(record["page_type"]), **counts,
                              "expert_deletion_ratio": expert_ratio,
                              **{f.name: value(record[f.name]) for f in _PASSED_THROUGH}})
             frame = pd.DataFrame.from_records(rows, columns=DOCUMENT_SCHEMA.fieldNames())
@@ -163,7 +166,8 @@ def document_frame(
 ) -> DataFrame:
     """Every document with this version's result and program, the expert's program and gold."""
     documents = ctx.read(DOCUMENTS).select(
-        "doc_id", F.coalesce(F.col("source"), F.lit(UNKNOWN_SOURCE)).alias("source"), "text"
+        "doc_id", F.coalesce(F.col("source"), F.lit(UNKNOWN_SOURCE)).alias("source"),
+        F.get_json_object("metadata", "$.page_type").alias("page_type"), "text"
     )
     refined = _version(ctx.read(REFINED_DOCUMENTS), origin, origin_version).select(
         "doc_id", "refined_text", "status", "exec_stats.parse_errors",
@@ -182,7 +186,8 @@ def document_frame(
     else:
         joined = joined.withColumn("expert_program", F.lit(None).cast("string"))
     return joined.select(
-        "doc_id", "source", "text", "refined_text", F.coalesce(F.col("status"), F.lit(NO_PROGRAM)).alias("status"),
+        "doc_id", "source", "page_type", "text", "refined_text",
+        F.coalesce(F.col("status"), F.lit(NO_PROGRAM)).alias("status"),
         "parse_errors", "program", "expert_program", "gold",
         *[F.coalesce(F.col(f"edit_{f.name}"), F.col(f"exec_{f.name}")).alias(f.name) for f in _PASSED_THROUGH],
     )
@@ -222,12 +227,15 @@ def _bins(kind: str, n: int) -> int:
 
 
 def scope_totals(per_document: DataFrame) -> dict[str, dict[str, Any]]:
-    """Per scope, in one Spark job: the summed counts, the deletion-ratio mean and p50/p90
+    """Per scope (``all``, each source, and ``<source>/<page type>`` for documents whose
+    metadata has a ``page_type``), in one Spark job: the summed counts, the deletion-ratio mean and p50/p90
     (``percentile_approx``) and the histogram bin counts (``<column>_bin_<i>``)."""
     binned = per_document.select(
         "*", *[(_ratio_bin(column) if kind == "ratio" else _operation_bucket(column)).alias(f"{column}_bin")
                for column, kind, _ in HISTOGRAMS])
-    scoped = binned.withColumn("scope", F.explode(F.array(F.lit(SCOPE_ALL), F.col("source"))))
+    by_type = F.when(F.col("page_type").isNotNull(), F.concat_ws("/", "source", "page_type"))
+    scoped = (binned.withColumn("scope", F.explode(F.array(F.lit(SCOPE_ALL), F.col("source"), by_type)))
+              .where(F.col("scope").isNotNull()))
     bin_counts = [
         F.sum(F.when(F.col(f"{column}_bin") == i, 1).otherwise(0)).alias(f"{column}_bin_{i}")
         for column, kind, n in HISTOGRAMS for i in range(_bins(kind, n))

@@ -317,18 +317,33 @@ def chunk_program(output: str, first_line: int, last_line: int) -> tuple[Any, in
 
 
 def refine_documents(
-    backend: Any, count_tokens: Callable[[str], int], docs: Sequence[tuple[str, str]], max_tokens: int
+    backend: Any, count_tokens: Callable[[str], int], docs: Sequence[tuple[str, str]], max_tokens: int,
+    pages: Optional[Sequence[Optional[str]]] = None,
 ) -> list[dict[str, Any]]:
-    """Rows of ``REFINED_SCHEMA`` (without worker columns) for ``(doc_id, text)`` pairs."""
+    """Rows of ``REFINED_SCHEMA`` (without worker columns) for ``(doc_id, text)`` pairs.
+
+    A backend that reads page structure (``reads_structure``) gets each chunk's
+    :func:`refinex.dom.dom_line_features`, computed from the document's HTML (``pages``,
+    in the order of ``docs``; ``None`` where a document has none).
+    """
     from refinex.chunking import chunk_document, merge_chunk_programs
     from refinex.model.backends import GenerationRequest
 
+    structured = bool(getattr(backend, "reads_structure", False))
     requests: list[Any] = []
     owners: list[int] = []
     for index, (_, text) in enumerate(docs):
         lines = text.split("\n")
+        structure = None
+        if structured and pages is not None and pages[index]:
+            from refinex.dom import dom_line_features
+
+            structure = dom_line_features(pages[index], lines)
         for chunk in chunk_document(text, count_tokens, max_tokens=max_tokens):
-            requests.append(GenerationRequest.for_chunk(chunk, lines))
+            request = GenerationRequest.for_chunk(chunk, lines)
+            if structure is not None:
+                request = request.with_structure(structure[chunk.start_line : chunk.end_line + 1])
+            requests.append(request)
             owners.append(index)
     outputs = backend.generate(requests) if requests else []
     per_doc: list[list[tuple[Any, str]]] = [[] for _ in docs]
@@ -378,18 +393,18 @@ def _refine_partition(
     def run(batches: Iterator[Any]) -> Iterator[Any]:
         import pandas as pd
 
-        from refinex.chunking import hf_token_counter
         from refinex.spark.refine import worker_backend
-        from refinex.spark.sft import cached_tokenizer
+        from refinex.spark.sft import token_counter
 
-        count = hf_token_counter(cached_tokenizer(tokenizer_key, tokenizer_files))
+        count = token_counter(tokenizer_key, tokenizer_files)
         pid = os.getpid()
         for batch in batches:
             if batch.empty:
                 continue
             # Loaded on the first non-empty batch: an empty partition never loads a model.
             backend, loaded = worker_backend(kind, checkpoint, uri, tracking_uri, options_json, load_log, registry_uri)
-            rows = refine_documents(backend, count, list(zip(batch["doc_id"], batch["text"])), max_tokens)
+            pages = list(batch["html"]) if "html" in batch.columns else None
+            rows = refine_documents(backend, count, list(zip(batch["doc_id"], batch["text"])), max_tokens, pages)
             for index, row in enumerate(rows):
                 row["worker_pid"] = pid
                 row["model_loads"] = int(loaded and index == 0)
@@ -415,9 +430,9 @@ def _split_filter(fraction: float) -> Any:
     return F.udf(split_of, StringType())
 
 
-def _select_documents(ctx: StageContext, split: Optional[str], limit: Optional[int]) -> DataFrame:
+def _select_documents(ctx: StageContext, split: Optional[str], limit: Optional[int], html: bool = False) -> DataFrame:
     config = ctx.config
-    documents = ctx.read(DOCUMENTS).select("doc_id", "text")
+    documents = ctx.read(DOCUMENTS).select("doc_id", "text", *(["html"] if html else []))
     if split is not None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -477,7 +492,8 @@ def refine_documents_with_model(
     (``train`` or ``validation``, by the hash of the doc id); ``limit`` to the first N doc
     ids. Returns statistics, among them ``origin``/``origin_version`` for ``apply`` and ``stats``.
     """
-    from refinex.spark.sft import tokenizer_files, tokenizer_id
+    from refinex.model.tiers import reads_structure, tier_of
+    from refinex.spark.sft import chunk_budget, tokenizer_files, tokenizer_id
 
     config, workdir, run_id = ctx.config, ctx.workdir, ctx.run_id
     model_uri = model or trained_in_run(ctx) or champion_uri(config)
@@ -488,8 +504,12 @@ def refine_documents_with_model(
     resolved = resolve_model(config, workdir, model_uri, use_constraints)
     origin_version = resolved.origin_version
     options_json = json.dumps(decode_options(config, use_constraints, kind), sort_keys=True)
+    model_info = read_model_info(resolved.checkpoint)
+    structured = reads_structure(model_info)
+    files = tokenizer_files(resolved.checkpoint)
+    max_tokens = chunk_budget(files, config.chunking.max_tokens)
 
-    documents = _select_documents(ctx, split, limit)
+    documents = _select_documents(ctx, split, limit, html=structured)
     before = ctx.version(PROGRAMS)
     todo = documents
     if not force:
@@ -509,8 +529,7 @@ def refine_documents_with_model(
     if n_todo:
         function = _refine_partition(
             kind, str(resolved.checkpoint), resolved.uri, resolved.tracking_uri, options_json,
-            tokenizer_id(resolved.checkpoint), tokenizer_files(resolved.checkpoint),
-            config.chunking.max_tokens, rc.load_log, resolved.registry_uri,
+            tokenizer_id(resolved.checkpoint), files, max_tokens, rc.load_log, resolved.registry_uri,
         )
         refined = todo.repartition(partitions, "doc_id").mapInPandas(function, REFINED_SCHEMA)
         refined = refined.persist(StorageLevel.MEMORY_AND_DISK)
@@ -561,6 +580,8 @@ def refine_documents_with_model(
         "origin": ORIGIN_MODEL,
         "origin_version": origin_version,
         "backend": kind,
+        "tier": tier_of(model_info),
+        "reads_structure": structured,
         "constrained": use_constraints,
         "split": split,
         "documents": n_documents,
@@ -575,7 +596,7 @@ def refine_documents_with_model(
     }
     ctx.record(
         model_uri=model_uri, resolved_uri=resolved.uri, origin_version=origin_version, backend=kind,
-        options=json.loads(options_json), max_tokens=config.chunking.max_tokens,
+        options=json.loads(options_json), max_tokens=max_tokens,
         docs_per_partition=rc.docs_per_partition,
     )
     return stats

@@ -47,8 +47,22 @@ _MAX_TOKENIZER_FILE_BYTES = 64 << 20
 _TOKENIZERS: dict[str, Any] = {}
 
 
+def _counter_spec(files: Mapping[str, bytes]) -> Optional[dict[str, Any]]:
+    """The ``counter`` of a base without a tokenizer (``refinex_base.json``), if any."""
+    import json
+
+    from refinex.model.bases import BASE_INFO_FILE
+
+    data = files.get(BASE_INFO_FILE)
+    if data is None:
+        return None
+    counter = json.loads(data.decode("utf-8")).get("counter")
+    return dict(counter) if isinstance(counter, dict) else None
+
+
 def tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
-    """The files of ``checkpoint`` a tokenizer loads from (everything but weights)."""
+    """The files of ``checkpoint`` a tokenizer loads from (everything but weights); for a
+    base without a tokenizer (the fast tier's), the ``refinex_base.json`` naming its counter."""
     files: dict[str, bytes] = {}
     for path in sorted(Path(checkpoint).iterdir()):
         if not path.is_file() or path.suffix in _WEIGHT_SUFFIXES or path.name.startswith("."):
@@ -56,18 +70,45 @@ def tokenizer_files(checkpoint: Path) -> dict[str, bytes]:
         if path.stat().st_size > _MAX_TOKENIZER_FILE_BYTES:
             continue
         files[path.name] = path.read_bytes()
-    if not any(name.startswith("tokenizer") for name in files):
+    if not any(name.startswith("tokenizer") for name in files) and _counter_spec(files) is None:
         raise FileNotFoundError(f"{checkpoint} has no tokenizer files")
     return files
 
 
 def tokenizer_id(checkpoint: Path) -> str:
     """``<checkpoint dir name>:<sha256 of its tokenizer files, 12 hex>`` (content-based)."""
+    import json
+
     digest = hashlib.sha256()
-    for name, data in tokenizer_files(checkpoint).items():
+    files = tokenizer_files(checkpoint)
+    for name, data in files.items():
         if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
             digest.update(name.encode("utf-8") + b"\0" + hashlib.sha256(data).digest())
+    counter = _counter_spec(files)
+    if counter is not None and not any(name.startswith("tokenizer") for name in files):
+        digest.update(json.dumps(counter, sort_keys=True).encode("utf-8"))
     return f"{Path(checkpoint).name}:{digest.hexdigest()[:12]}"
+
+
+def token_counter(key: str, files: Mapping[str, bytes]) -> Callable[[str], int]:
+    """How the checkpoint of ``files`` counts a chunk's tokens: its Hugging Face tokenizer,
+    or the counter its ``refinex_base.json`` names (``whitespace``: words)."""
+    from refinex.chunking import hf_token_counter, whitespace_token_count
+
+    if any(name.startswith("tokenizer") for name in files):
+        return hf_token_counter(cached_tokenizer(key, files))
+    counter = _counter_spec(files) or {}
+    if counter.get("kind") != "whitespace":
+        raise ValueError(f"{key}: unknown token counter {counter!r}")
+    return whitespace_token_count
+
+
+def chunk_budget(files: Mapping[str, bytes], default: int) -> int:
+    """Tokens per chunk: the counter's own ``max_tokens`` where it has one (the fast tier
+    reads whole documents), else ``default`` (``chunking.max_tokens``)."""
+    counter = _counter_spec(files) if not any(name.startswith("tokenizer") for name in files) else None
+    budget = (counter or {}).get("max_tokens")
+    return int(budget) if budget else int(default)
 
 
 def cached_tokenizer(key: str, files: Mapping[str, bytes]) -> Any:
@@ -107,15 +148,35 @@ def resolve_sft_version(spark: SparkSession, config: Config, tables: "TableResol
     return chosen or default_origin_version(spark, config, tables, ORIGIN_DISTILLED)
 
 
-def _labelled_documents(spark: SparkSession, tables: "TableResolver | str", origin_version: str) -> Any:
-    """``documents`` joined with the version's distilled programs: doc_id, text, program."""
+def _sample_filter(validation_fraction: float, sample: float) -> Any:
+    """A UDF: whether a document stays (every validation document; training documents in
+    the training sample, ``refinex.model.sft.in_train_sample``)."""
+    from pyspark.sql.types import BooleanType
+
+    def keep(doc_id: str) -> bool:
+        from refinex.model.sft import VALIDATION, assign_split, in_train_sample
+
+        return assign_split(doc_id, validation_fraction) == VALIDATION or in_train_sample(doc_id, sample)
+
+    return F.udf(keep, BooleanType())
+
+
+def _labelled_documents(
+    spark: SparkSession, tables: "TableResolver | str", origin_version: str, validation_fraction: float = 0.0,
+    sample: float = 1.0,
+) -> Any:
+    """``documents`` joined with the version's distilled programs: doc_id, text, program
+    (training documents outside a ``sample`` < 1 left out)."""
     programs = (
         read_table(spark, tables, PROGRAMS)
         .where((F.col("origin") == ORIGIN_DISTILLED) & (F.col("origin_version") == origin_version))
         .where(F.col("program").isNotNull())
         .select("doc_id", "program")
     )
-    return read_table(spark, tables, DOCUMENTS).select("doc_id", "text").join(programs, "doc_id")
+    labelled = read_table(spark, tables, DOCUMENTS).select("doc_id", "text").join(programs, "doc_id")
+    if sample < 1.0:
+        labelled = labelled.where(_sample_filter(validation_fraction, sample)(F.col("doc_id")))
+    return labelled
 
 
 def prepare_sft_base(
@@ -153,10 +214,9 @@ def _pairs_partition(
     def run(batches: Iterator[Any]) -> Iterator[Any]:
         import pandas as pd
 
-        from refinex.chunking import hf_token_counter
         from refinex.model.sft import InvalidProgramError, build_sft_pairs
 
-        count = hf_token_counter(cached_tokenizer(key, files))
+        count = token_counter(key, files)
         for batch in batches:
             rows: list[dict[str, Any]] = []
             for doc_id, text, program in zip(batch["doc_id"], batch["text"], batch["program"]):
@@ -187,13 +247,15 @@ def build_sft_pairs(ctx: StageContext, origin_version: Optional[str] = None, bas
     checkpoint = prepare_sft_base(spark, config, workdir, base_name, version)
     key = tokenizer_id(checkpoint)
     files = tokenizer_files(checkpoint)
-    labelled = _labelled_documents(spark, workdir, version)
+    labelled = _labelled_documents(spark, workdir, version, float(config.sft.validation_fraction),
+                                   float(config.sft.train_sample))
     n_documents = labelled.count()
     partitions = max(1, min(config.spark.partitions * 4, -(-n_documents // 50)))
     pairs = (
         labelled.repartition(partitions, "doc_id")
         .mapInPandas(
-            _pairs_partition(key, files, config.chunking.max_tokens, float(config.sft.validation_fraction)),
+            _pairs_partition(key, files, chunk_budget(files, config.chunking.max_tokens),
+                             float(config.sft.validation_fraction)),
             PAIRS_SCHEMA,
         )
         .withColumns({
@@ -225,8 +287,9 @@ def build_sft_pairs(ctx: StageContext, origin_version: Optional[str] = None, bas
         "origin_version": version,
         "base": base_name,
         "base_tokenizer": key,
-        "max_tokens": config.chunking.max_tokens,
+        "max_tokens": chunk_budget(files, config.chunking.max_tokens),
         "validation_fraction": float(config.sft.validation_fraction),
+        "train_sample": float(config.sft.train_sample),
         "documents": n_documents,
         "documents_with_pairs": total("documents"),
         "invalid_programs": n_documents - total("documents"),
@@ -243,8 +306,8 @@ def build_sft_pairs(ctx: StageContext, origin_version: Optional[str] = None, bas
     }
     ctx.record(
         origin_version=version, base=base_name, base_tokenizer=key, base_path=str(checkpoint),
-        max_tokens=config.chunking.max_tokens, validation_fraction=float(config.sft.validation_fraction),
-        tokenizer_corpus_docs=config.model.tokenizer_corpus_docs,
+        max_tokens=chunk_budget(files, config.chunking.max_tokens),
+        validation_fraction=float(config.sft.validation_fraction), tokenizer_corpus_docs=config.model.tokenizer_corpus_docs,
     )
     return stats
 

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 STAGE = "train"
 FINGERPRINT_TAG = "train_fingerprint"
 HEAD_VERSION_TAG = "head"  # registry version tag: generate or tag
+TIER_VERSION_TAG = "tier"  # registry version tag: generate, tag or fast (refinex.model.tiers)
 HEAD_TAG = "tag"
 # Settings that do not change the trained weights (left out of the fingerprint).
 _NON_MODEL_SETTINGS = ("progress", "plot", "train_data_version", "eval_every", "eval_batch_size", "eval_max_pairs",
@@ -180,11 +181,89 @@ def _train_tag_head(
     return train_tagger(tag_examples([r.asDict() for r in rows], texts), str(checkpoint), out_dir, config)
 
 
+class NoSoftLabelsError(LookupError):
+    """``tag.labels: soft`` but the programs' expert left no member votes (``expert_members``)."""
+
+
+def _fast_documents(ctx: StageContext, rows: Sequence[Any], sft_version: str, labels: str, structure: bool) -> list[Any]:
+    """The whole documents of the pairs (text, page HTML) with their line targets: the
+    distilled programs' ``remove_lines`` (hard) or the weighted vote of the consensus
+    members behind them (soft, from ``expert_members``)."""
+    from refinex.dom import dom_line_features
+    from refinex.model.fast.train import FastDocument, document_targets
+    from refinex.model.tagger import line_labels
+    from refinex.spark.tables import EXPERT_MEMBERS
+
+    splits = {r["doc_id"]: r["split"] for r in rows}
+    wanted = ctx.spark.createDataFrame([(i,) for i in sorted(splits)], "doc_id string")
+    documents = ctx.read(DOCUMENTS).join(F.broadcast(wanted), "doc_id").select("doc_id", "text", "html")
+    programs = (ctx.read(PROGRAMS)
+                .where((F.col("origin") == "distilled") & (F.col("origin_version") == sft_version))
+                .select("doc_id", "program"))
+    joined = {r["doc_id"]: r for r in documents.join(programs, "doc_id").collect()}
+    votes: dict[str, list[tuple[float, str]]] = {}
+    if labels == "soft":
+        expert, _, expert_version = sft_version.partition(":")
+        members = (ctx.read(EXPERT_MEMBERS).join(F.broadcast(wanted), "doc_id")
+                   .where((F.col("expert") == expert) & (F.col("expert_version") == expert_version)
+                          & F.col("voted") & F.col("program").isNotNull())
+                   .select("doc_id", "weight", "program").collect())
+        for member in members:
+            votes.setdefault(member["doc_id"], []).append((float(member["weight"]), member["program"]))
+        if not votes:
+            raise NoSoftLabelsError(
+                f"tag.labels=soft needs the member votes of a consensus expert, but {ctx.tables.display_name(EXPERT_MEMBERS)} "
+                f"has none for {sft_version}: run `refinex expert --expert consensus` (then distill and sft-pairs), "
+                "or train with hard labels")
+    out = []
+    for doc_id in sorted(joined):
+        row = joined[doc_id]
+        text = row["text"] or ""
+        lines = text.split("\n")
+        if doc_id in votes:
+            targets = document_targets(lines, votes=[(w, line_labels(text, p)) for w, p in votes[doc_id]])
+        elif labels == "soft":
+            continue  # no member voted on this document: it teaches nothing soft
+        else:
+            targets = document_targets(lines, removed=line_labels(text, row["program"]))
+        page = dom_line_features(row["html"], lines) if structure and row["html"] else None
+        out.append(FastDocument(doc_id, tuple(lines), targets, page, splits[doc_id]))
+    return out
+
+
+def _train_fast(
+    ctx: StageContext, rows: Sequence[Any], checkpoint: Path, out_dir: Path, settings: dict[str, Any],
+    data_version: str, sft_version: str, base_name: str,
+) -> Any:
+    """The fast tier trained on the pairs' whole documents."""
+    from refinex.model.fast.train import FastTrainConfig, train_fast
+
+    config = FastTrainConfig.from_dict({**{k: v for k, v in settings.items() if k != "head"},
+                                        "train_data_version": data_version})
+    docs = _fast_documents(ctx, rows, sft_version, config.labels, config.structure)
+    return train_fast(docs, checkpoint, out_dir, config, base=base_name)
+
+
+def tag_settings(base_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The tagging head's settings for ``base_name``: the fast tier's on a ``hashed`` base,
+    else the transformer tagging head's (base defaults, then ``overrides``)."""
+    from refinex.model.bases import is_hashed_base, tag_defaults
+
+    if is_hashed_base(base_name):
+        from refinex.model.fast.train import FastTrainConfig
+
+        return FastTrainConfig.from_dict({**tag_defaults(base_name), **dict(overrides)}).to_dict()
+    from refinex.model.tagging.train import TagTrainConfig
+
+    return TagTrainConfig.for_base(base_name, overrides).to_dict()
+
+
 def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = False) -> dict[str, Any]:
     """Train, log and register a refine model from ``sft_pairs``; returns statistics with
     ``model_uri`` = ``models:/<name>/<version>``."""
     from refinex.model.bases import read_base_info
-    from refinex.model.train import TrainConfig, train
+    from refinex.model.tiers import tier_of
+    from refinex.model.train import TrainConfig, read_model_info, train
     from refinex.spark.sft import prepare_sft_base, tokenizer_id
     from refinex.tracking import get_alias_version, log_training_run
 
@@ -208,10 +287,12 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
     name = config.model.registered_name
     data_version_text = f"{SFT_PAIRS}@{data_version}"
     head = config.model.head
+    fast = False
     if head == HEAD_TAG:
-        from refinex.model.tagging.train import TagTrainConfig
+        from refinex.model.bases import is_hashed_base
 
-        settings = {"head": head, **TagTrainConfig.for_base(base_name, config.tag).to_dict()}
+        fast = is_hashed_base(checkpoint)
+        settings = {"head": head, **tag_settings(base_name, config.tag)}
     else:
         settings = TrainConfig.for_base(base_name, config.train).to_dict()
     base_identity = json.dumps({"dir": checkpoint.name, "info": read_base_info(checkpoint), "tok": base_tokenizer},
@@ -232,13 +313,17 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
         run_dir = models_dir(workdir) / "train" / run_id
         out_dir = run_dir / "checkpoint"  # also the artifact's folder name in MLflow
         try:
-            if head == HEAD_TAG:
+            if fast:
+                result = _train_fast(ctx, rows, checkpoint, out_dir, settings, data_version_text, sft_version,
+                                     base_name)
+            elif head == HEAD_TAG:
                 result = _train_tag_head(ctx, rows, checkpoint, out_dir, settings, data_version_text)
             else:
                 train_config = TrainConfig.from_dict({**settings, "train_data_version": data_version_text})
                 result = train([r.asDict() for r in rows], str(checkpoint), out_dir, train_config)
             examples = _eval_examples(spark, ctx.tables, rows, config.model.eval_chunks)
             val_metrics = _validation_metrics(config, out_dir, examples)
+            tier = tier_of(read_model_info(out_dir))
             logged = log_training_run(
                 result,
                 params={"base_name": base_name, "base_tokenizer": base_tokenizer, "sft_origin_version": sft_version,
@@ -259,7 +344,8 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
             client.log_metric(logged.run_id, key, value, step=result.steps)
         assert logged.version is not None
         extra_tags = {FINGERPRINT_TAG: fp, "base_name": base_name, "sft_origin_version": sft_version,
-                      HEAD_VERSION_TAG: head, **{k: f"{v:.6g}" for k, v in val_metrics.items()}}
+                      HEAD_VERSION_TAG: head, TIER_VERSION_TAG: tier,
+                      **{k: f"{v:.6g}" for k, v in val_metrics.items()}}
         if head == HEAD_TAG:
             extra_tags["tag_threshold"] = f"{result.threshold:g}"
         for key, value in extra_tags.items():
@@ -273,6 +359,7 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
             device=result.device, precision=result.precision, precision_reason=result.precision_reason,
             **val_metrics,
         )
+        stats["tier"] = tier
         if head == HEAD_TAG:
             stats.update(threshold=result.threshold, threshold_source=result.threshold_source,
                          cv_kept_char_f1=result.cv_kept_char_f1,

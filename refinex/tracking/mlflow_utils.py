@@ -236,13 +236,16 @@ class RefinerPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
+        from refinex.model.backends import load_backend
         from refinex.model.bases import load_checkpoint
-        from refinex.model.tagging.backend import TagBackend, is_tag_checkpoint
+        from refinex.model.tiers import TIER_GENERATE, tier_of
+        from refinex.model.train import read_model_info
 
         path = context.artifacts[CHECKPOINT_ARTIFACT]
         config = dict(getattr(context, "model_config", None) or {})
         self._max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-        self._tagger = TagBackend.from_pretrained(path) if is_tag_checkpoint(path) else None
+        tagging = tier_of(read_model_info(path)) != TIER_GENERATE
+        self._tagger = load_backend("transformers", path) if tagging else None
         if self._tagger is None:
             self._model, self._tokenizer = load_checkpoint(path)
             self._model.eval()
@@ -251,7 +254,8 @@ class RefinerPyfunc(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: list[str], params: Optional[dict[str, Any]] = None
     ) -> list[str]:
         """Program text for each numbered chunk (``params`` is not used): greedy decoding,
-        or the tagging head's deletions for a tagging-head model."""
+        or the deletions of a tagging tier's model (``tag`` or ``fast``; text only: the
+        page HTML is not part of the input)."""
         import torch
 
         if self._tagger is not None:

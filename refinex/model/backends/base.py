@@ -48,13 +48,16 @@ class GenerationRequest:
 
     ``prompt`` is the full model input; ``first_line .. last_line`` are the chunk's
     document-global line ids; ``lines`` its raw lines (for constraints; may be empty, then
-    constrained decoding never allows ``remove_str``).
+    constrained decoding never allows ``remove_str``). ``structure`` holds the lines'
+    page-structure features (:func:`refinex.dom.dom_line_features`) when the page HTML is
+    known and the model reads it (``None`` otherwise).
     """
 
     prompt: str
     first_line: int
     last_line: int
     lines: tuple[str, ...] = ()
+    structure: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.lines, tuple):
@@ -65,6 +68,13 @@ class GenerationRequest:
             raise ValueError(
                 f"{len(self.lines)} lines for the range [{self.first_line}, {self.last_line}]"
             )
+        if self.structure is not None and len(self.structure) != self.last_line - self.first_line + 1:
+            raise ValueError(f"structure features of {len(self.structure)} lines for the range "
+                             f"[{self.first_line}, {self.last_line}]")
+
+    def with_structure(self, structure: Any) -> "GenerationRequest":
+        """This request with the page-structure features of its lines."""
+        return dataclasses.replace(self, structure=structure)
 
     @classmethod
     def for_lines(cls, lines: Sequence[str], first_line: int = 0) -> "GenerationRequest":
@@ -204,12 +214,12 @@ def finish_program(text: str, stop: Sequence[str], constrained: bool) -> str:
     return text
 
 
-def _is_tag_checkpoint(path: str) -> bool:
+def _checkpoint_info(path: str) -> dict[str, Any]:
     import os
 
     from refinex.model.train import read_model_info
 
-    return os.path.isdir(path) and read_model_info(path).get("head") == "tag"
+    return read_model_info(path) if os.path.isdir(path) else {}
 
 
 def load_backend(kind: str, model_path_or_url: str, **options: Any) -> RefineBackend:
@@ -217,25 +227,28 @@ def load_backend(kind: str, model_path_or_url: str, **options: Any) -> RefineBac
     model name the engine resolves locally) or ``openai`` (server base URL).
 
     :class:`DecodeConfig` fields (or ``config=``) set decoding; the other options go to the
-    backend's constructor. A checkpoint whose ``refinex_model.json`` names the ``tag`` head
-    gets :class:`refinex.model.tagging.backend.TagBackend` (the model decides its decoder).
+    backend's constructor. A checkpoint of a tagging tier (its ``refinex_model.json`` names
+    the ``tag`` head: the ``tag`` or ``fast`` tier, :mod:`refinex.model.tiers`) gets that
+    tier's backend: the model decides its decoder.
     """
+    from refinex.model.tiers import TIER_GENERATE, tagging_backend, tier_of
+
     config, rest = DecodeConfig.split_options(options)
     if config.min_op_prob > 0 and kind != "transformers":
         raise ValueError(f"min_op_prob is implemented by the transformers backend only, not {kind!r}")
     if config.votes > 0 and kind != "transformers":
         raise ValueError(f"votes are implemented by the transformers backend only, not {kind!r}")
-    if kind != "openai" and _is_tag_checkpoint(model_path_or_url):
+    info = _checkpoint_info(model_path_or_url) if kind != "openai" else {}
+    tier = tier_of(info)
+    if tier != TIER_GENERATE:
         if kind != "transformers":
             raise ValueError(
-                f"{model_path_or_url} is a tagging-head model: it runs on the transformers backend (one "
-                f"forward pass per chunk, no decoding loop), not {kind!r}")
+                f"{model_path_or_url} is a {tier}-tier model (the tag head): it runs on the transformers backend "
+                f"(one forward pass per chunk, no decoding loop), not {kind!r}")
         if config.votes > 0 or config.min_op_prob > 0:
             raise ValueError("votes and min_op_prob decode generated programs; a tagging-head model has a "
                              "threshold instead (option threshold)")
-        from refinex.model.tagging.backend import TagBackend
-
-        return TagBackend.from_pretrained(model_path_or_url, config, **rest)
+        return tagging_backend(model_path_or_url, info, config, **rest)
     if kind == "transformers":
         from refinex.model.backends.hf import HFBackend
 
