@@ -182,7 +182,7 @@ class ApplyConfig:
 class ModelConfig:
     """The refine model: its base, the tiny tokenizer's corpus and MLflow tracking/registry."""
 
-    base: str = "tiny"
+    base: str = "fast"
     tokenizer_corpus_docs: int = 1000
     tracking_uri: Optional[str] = None
     registry_uri: Optional[str] = None
@@ -190,13 +190,16 @@ class ModelConfig:
     registered_name: str = "refinex-refiner"
     champion_alias: str = "champion"
     eval_chunks: int = 32
-    head: str = "generate"
+    head: str = "tag"
 
     def validate(self) -> None:
         if self.head not in MODEL_HEADS:
             raise ConfigError(f"model.head must be one of {MODEL_HEADS}, got {self.head!r}")
         if not isinstance(self.eval_chunks, int) or self.eval_chunks < 0:
             raise ConfigError(f"model.eval_chunks must be >= 0, got {self.eval_chunks!r}")
+        if self.head == "generate" and self.base in ("fast",):
+            raise ConfigError("model.base fast is a tagging model (no language model to generate with): "
+                              "use model.head: tag, or a transformer base for the generative head")
         if not self.base:
             raise ConfigError("model.base must not be empty")
         if not isinstance(self.tokenizer_corpus_docs, int) or self.tokenizer_corpus_docs < 0:
@@ -344,11 +347,12 @@ class PromoteConfig:
             raise ConfigError("promote.challenger_alias must not be empty")
 
 
-def _validate_tag(settings: Mapping[str, Any]) -> None:
-    """``tag`` holds :class:`refinex.model.tagging.train.TagTrainConfig` fields."""
-    from refinex.model.tagging.train import TagTrainConfig
+def _validate_tag(settings: Mapping[str, Any], base: str) -> None:
+    """``tag`` holds the tagging settings of ``model.base``'s tier
+    (:func:`refinex.model.tiers.tag_config_class`)."""
+    from refinex.model.tiers import tag_config_class
 
-    _validate_settings(TagTrainConfig, settings, "tag")
+    _validate_settings(tag_config_class(base), settings, "tag")
 
 
 def _validate_train(settings: Mapping[str, Any]) -> None:
@@ -406,7 +410,7 @@ class Config:
         ):
             section.validate()
         _validate_train(self.train)
-        _validate_tag(self.tag)
+        _validate_tag(self.tag, self.model.base)
         return self
 
     def to_dict(self) -> dict[str, Any]:

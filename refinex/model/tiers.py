@@ -19,7 +19,10 @@ import importlib
 import os
 from typing import Any, Mapping
 
-__all__ = ["TIERS", "TIER_FAST", "TIER_GENERATE", "TIER_TAG", "reads_structure", "tagging_backend", "tier_of"]
+__all__ = [
+    "TIERS", "TIER_FAST", "TIER_GENERATE", "TIER_TAG", "reads_structure", "recorded_threshold", "tag_config_class", "tagging_backend",
+    "tier_of",
+]
 
 TIER_GENERATE = "generate"
 TIER_TAG = "tag"
@@ -50,6 +53,14 @@ def reads_structure(info: Mapping[str, Any]) -> bool:
     return False
 
 
+def recorded_threshold(info: Mapping[str, Any]) -> float:
+    """The deletion threshold a tagging tier's model chose at training."""
+    section = info.get("fast") if tier_of(info) == TIER_FAST else info.get("tag")
+    if not section or "threshold" not in section:
+        raise ValueError("the model records no deletion threshold (not a tagging-tier model?)")
+    return float(section["threshold"])
+
+
 def tagging_backend(path: str | os.PathLike[str], info: Mapping[str, Any], config: Any, **options: Any) -> Any:
     """The backend of a tagging-tier checkpoint (``tag`` or ``fast``)."""
     tier = tier_of(info)
@@ -58,3 +69,18 @@ def tagging_backend(path: str | os.PathLike[str], info: Mapping[str, Any], confi
         raise ValueError(f"{path} is a {tier!r} model: it has no tagging backend")
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name).from_pretrained(path, config, **options)
+
+
+def tag_config_class(base: str | os.PathLike[str]) -> Any:
+    """The settings class of the ``tag`` section for ``base``: the fast tier's
+    (:class:`refinex.model.fast.train.FastTrainConfig`) on a ``hashed`` base, else the
+    transformer tagging head's (:class:`refinex.model.tagging.train.TagTrainConfig`)."""
+    from refinex.model.bases import is_hashed_base
+
+    if is_hashed_base(base):
+        from refinex.model.fast.train import FastTrainConfig
+
+        return FastTrainConfig
+    from refinex.model.tagging.train import TagTrainConfig
+
+    return TagTrainConfig

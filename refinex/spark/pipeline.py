@@ -144,9 +144,20 @@ def format_scores(result: dict[str, Any]) -> list[str]:
             _f(ev.get("snippet_f1")), _f(ev.get("bow_f1")), _f(ev.get("deletion_f1")), str(ev.get("new_words")),
             _f(ev.get("invalid_share")),
         ])
-    title = (f"scores against gold ({gold} pages with gold; snippet scores on trafilatura-eval pages, "
-             "bag-of-words on scrapinghub pages):" if gold else "evaluation (the documents carry no gold):")
-    return [title, *_columns(table)]
+    title = (f"scores against gold ({gold} pages with gold; snippet scores on pages with snippet gold, "
+             "bag-of-words on pages with a main-content gold):" if gold else "evaluation (the documents carry no gold):")
+    return [title, *_columns(table), *_scored_on(result)]
+
+
+def _scored_on(result: dict[str, Any]) -> list[str]:
+    """Which documents the model learnt from and which it is scored on, said plainly."""
+    sft, model = result.get("sft_pairs"), result.get("evaluate_model")
+    if not sft or not model or not sft.get("train_documents"):
+        return []
+    seen, held = int(sft["train_documents"]), int(sft.get("validation_documents") or 0)
+    return [f"  the model learnt from {seen} training documents and is scored on all {model['documents']}: "
+            f"{seen} of them seen in training, {held} held out (validation split); on a corpus this small the row "
+            "measures how well it fits its teacher, not how it does on unseen pages (BENCHMARKS.md measures that)"]
 
 
 def _model_lines(result: dict[str, Any]) -> list[str]:

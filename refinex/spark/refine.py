@@ -118,7 +118,9 @@ def decoding_suffix(config: Config, constrained: bool, model_info: Optional[Mapp
     options = config.refine.options
     if model_info and model_info.get("head") == "tag":
         threshold = options.get("threshold")
-        chosen = float(model_info["tag"]["threshold"]) if threshold is None else float(threshold)
+        from refinex.model.tiers import recorded_threshold
+
+        chosen = recorded_threshold(model_info) if threshold is None else float(threshold)
         return f"+tag{chosen:g}"
     if not constrained:
         return UNCONSTRAINED_SUFFIX

@@ -168,66 +168,101 @@ def evaluate_checkpoint(spark: SparkSession, config: Config, tables: "TableResol
 
 def _train_tag_head(
     ctx: StageContext, rows: Sequence[Any], checkpoint: Path, out_dir: Path, settings: dict[str, Any],
-    data_version: str,
+    data_version: str, sft_version: str,
 ) -> Any:
-    """The tagging head trained on the pairs' chunks (their documents' raw lines)."""
+    """The tagging head trained on the pairs' chunks (their documents' raw lines, with their
+    page-structure features and soft labels when the settings ask for them)."""
     from refinex.model.tagging.train import TagTrainConfig, tag_examples, train_tagger
 
-    ids = sorted({r["doc_id"] for r in rows})
-    wanted = ctx.spark.createDataFrame([(i,) for i in ids], "doc_id string")
-    texts = dict(ctx.read(DOCUMENTS).join(F.broadcast(wanted), "doc_id").select("doc_id", "text").collect())
     tag_settings = {k: v for k, v in settings.items() if k != "head"}
     config = TagTrainConfig.from_dict({**tag_settings, "train_data_version": data_version})
-    return train_tagger(tag_examples([r.asDict() for r in rows], texts), str(checkpoint), out_dir, config)
+    wanted, pages = _labelled_pages(ctx, rows, sft_version, html=config.structure_features)
+    texts = {doc_id: row["text"] or "" for doc_id, row in pages.items()}
+    structures = _structures(pages) if config.structure_features else None
+    soft = _soft_targets(ctx, wanted, sft_version, texts) if config.labels == "soft" else None
+    examples = tag_examples([r.asDict() for r in rows], texts, structures, soft)
+    if soft is not None:
+        examples = [e for e in examples if e.soft is not None]
+    return train_tagger(examples, str(checkpoint), out_dir, config)
 
 
 class NoSoftLabelsError(LookupError):
     """``tag.labels: soft`` but the programs' expert left no member votes (``expert_members``)."""
 
 
-def _fast_documents(ctx: StageContext, rows: Sequence[Any], sft_version: str, labels: str, structure: bool) -> list[Any]:
-    """The whole documents of the pairs (text, page HTML) with their line targets: the
-    distilled programs' ``remove_lines`` (hard) or the weighted vote of the consensus
-    members behind them (soft, from ``expert_members``)."""
-    from refinex.dom import dom_line_features
-    from refinex.model.fast.train import FastDocument, document_targets
+def _soft_targets(ctx: StageContext, wanted: Any, sft_version: str, texts: Mapping[str, str]
+                  ) -> dict[str, tuple[Optional[float], ...]]:
+    """Per document, the weighted share of the consensus members behind ``sft_version`` that
+    remove each line (``expert_members``; ``None`` on blank lines). Raises
+    :class:`NoSoftLabelsError` when that expert left no member votes."""
+    from refinex.model.fast.train import document_targets
     from refinex.model.tagger import line_labels
     from refinex.spark.tables import EXPERT_MEMBERS
 
-    splits = {r["doc_id"]: r["split"] for r in rows}
-    wanted = ctx.spark.createDataFrame([(i,) for i in sorted(splits)], "doc_id string")
-    documents = ctx.read(DOCUMENTS).join(F.broadcast(wanted), "doc_id").select("doc_id", "text", "html")
+    expert, _, expert_version = sft_version.partition(":")
+    members = (ctx.read(EXPERT_MEMBERS).join(F.broadcast(wanted), "doc_id")
+               .where((F.col("expert") == expert) & (F.col("expert_version") == expert_version)
+                      & F.col("voted") & F.col("program").isNotNull())
+               .select("doc_id", "weight", "program").collect())
+    votes: dict[str, list[tuple[float, str]]] = {}
+    for member in members:
+        votes.setdefault(member["doc_id"], []).append((float(member["weight"]), member["program"]))
+    if not votes:
+        raise NoSoftLabelsError(
+            f"tag.labels=soft needs the member votes of a consensus expert, but "
+            f"{ctx.tables.display_name(EXPERT_MEMBERS)} has none for {sft_version}: run `refinex expert --expert "
+            "consensus` (then distill and sft-pairs), or train with hard labels")
+    out = {}
+    for doc_id, cast in votes.items():
+        text = texts.get(doc_id)
+        if text is not None and any(w > 0 for w, _ in cast):
+            out[doc_id] = document_targets(text.split("\n"), votes=[(w, line_labels(text, p)) for w, p in cast])
+    return out
+
+
+def _labelled_pages(ctx: StageContext, rows: Sequence[Any], sft_version: str, html: bool) -> tuple[Any, dict[str, Any]]:
+    """``(wanted doc ids frame, doc id -> row of text, html and the sft version's program)``."""
+    ids = sorted({r["doc_id"] for r in rows})
+    wanted = ctx.spark.createDataFrame([(i,) for i in ids], "doc_id string")
+    documents = ctx.read(DOCUMENTS).join(F.broadcast(wanted), "doc_id").select(
+        "doc_id", "text", *(["html"] if html else []))
     programs = (ctx.read(PROGRAMS)
                 .where((F.col("origin") == "distilled") & (F.col("origin_version") == sft_version))
                 .select("doc_id", "program"))
-    joined = {r["doc_id"]: r for r in documents.join(programs, "doc_id").collect()}
-    votes: dict[str, list[tuple[float, str]]] = {}
-    if labels == "soft":
-        expert, _, expert_version = sft_version.partition(":")
-        members = (ctx.read(EXPERT_MEMBERS).join(F.broadcast(wanted), "doc_id")
-                   .where((F.col("expert") == expert) & (F.col("expert_version") == expert_version)
-                          & F.col("voted") & F.col("program").isNotNull())
-                   .select("doc_id", "weight", "program").collect())
-        for member in members:
-            votes.setdefault(member["doc_id"], []).append((float(member["weight"]), member["program"]))
-        if not votes:
-            raise NoSoftLabelsError(
-                f"tag.labels=soft needs the member votes of a consensus expert, but {ctx.tables.display_name(EXPERT_MEMBERS)} "
-                f"has none for {sft_version}: run `refinex expert --expert consensus` (then distill and sft-pairs), "
-                "or train with hard labels")
+    return wanted, {r["doc_id"]: r for r in documents.join(programs, "doc_id").collect()}
+
+
+def _structures(pages: Mapping[str, Any]) -> dict[str, Any]:
+    """Per document with HTML, its lines' page-structure features."""
+    from refinex.dom import dom_line_features
+
+    return {doc_id: dom_line_features(row["html"], (row["text"] or "").split("\n"))
+            for doc_id, row in pages.items() if row["html"]}
+
+
+def _fast_documents(ctx: StageContext, rows: Sequence[Any], sft_version: str, labels: str, structure: bool) -> list[Any]:
+    """The whole documents of the pairs (text, page HTML) with their line targets: the
+    distilled programs' ``remove_lines`` (hard) or the weighted vote of the consensus
+    members behind them (soft, from ``expert_members``; documents nobody voted on are left out)."""
+    from refinex.model.fast.train import FastDocument, document_targets
+    from refinex.model.tagger import line_labels
+
+    splits = {r["doc_id"]: r["split"] for r in rows}
+    wanted, pages = _labelled_pages(ctx, rows, sft_version, html=structure)
+    soft = _soft_targets(ctx, wanted, sft_version, {i: r["text"] or "" for i, r in pages.items()}) \
+        if labels == "soft" else {}
+    structures = _structures(pages) if structure else {}
     out = []
-    for doc_id in sorted(joined):
-        row = joined[doc_id]
-        text = row["text"] or ""
+    for doc_id in sorted(pages):
+        text = pages[doc_id]["text"] or ""
         lines = text.split("\n")
-        if doc_id in votes:
-            targets = document_targets(lines, votes=[(w, line_labels(text, p)) for w, p in votes[doc_id]])
-        elif labels == "soft":
-            continue  # no member voted on this document: it teaches nothing soft
+        if labels == "soft":
+            if doc_id not in soft:
+                continue
+            targets = soft[doc_id]
         else:
-            targets = document_targets(lines, removed=line_labels(text, row["program"]))
-        page = dom_line_features(row["html"], lines) if structure and row["html"] else None
-        out.append(FastDocument(doc_id, tuple(lines), targets, page, splits[doc_id]))
+            targets = document_targets(lines, removed=line_labels(text, pages[doc_id]["program"]))
+        out.append(FastDocument(doc_id, tuple(lines), targets, structures.get(doc_id), splits[doc_id]))
     return out
 
 
@@ -247,15 +282,10 @@ def _train_fast(
 def tag_settings(base_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The tagging head's settings for ``base_name``: the fast tier's on a ``hashed`` base,
     else the transformer tagging head's (base defaults, then ``overrides``)."""
-    from refinex.model.bases import is_hashed_base, tag_defaults
+    from refinex.model.bases import tag_defaults
+    from refinex.model.tiers import tag_config_class
 
-    if is_hashed_base(base_name):
-        from refinex.model.fast.train import FastTrainConfig
-
-        return FastTrainConfig.from_dict({**tag_defaults(base_name), **dict(overrides)}).to_dict()
-    from refinex.model.tagging.train import TagTrainConfig
-
-    return TagTrainConfig.for_base(base_name, overrides).to_dict()
+    return tag_config_class(base_name).from_dict({**tag_defaults(base_name), **dict(overrides)}).to_dict()
 
 
 def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = False) -> dict[str, Any]:
@@ -317,7 +347,7 @@ def train_model(ctx: StageContext, base: Optional[str] = None, force: bool = Fal
                 result = _train_fast(ctx, rows, checkpoint, out_dir, settings, data_version_text, sft_version,
                                      base_name)
             elif head == HEAD_TAG:
-                result = _train_tag_head(ctx, rows, checkpoint, out_dir, settings, data_version_text)
+                result = _train_tag_head(ctx, rows, checkpoint, out_dir, settings, data_version_text, sft_version)
             else:
                 train_config = TrainConfig.from_dict({**settings, "train_data_version": data_version_text})
                 result = train([r.asDict() for r in rows], str(checkpoint), out_dir, train_config)

@@ -477,20 +477,27 @@ def get_alias_version(
         return None
 
 
+def _is_checkpoint(directory: Path) -> bool:
+    """A Hugging Face checkpoint, or a refine model without one (the fast tier: its
+    ``refinex_model.json`` and weights)."""
+    return (directory / "config.json").is_file() or (directory / "refinex_model.json").is_file()
+
+
 def checkpoint_in(directory: Path) -> Path:
-    """The HF checkpoint directory inside a downloaded MLflow model (or the directory itself)."""
-    if (directory / "config.json").is_file():
+    """The checkpoint directory inside a downloaded MLflow model (or the directory itself)."""
+    if _is_checkpoint(directory):
         return directory
     mlmodel = directory / "MLmodel"
     if mlmodel.is_file():
         flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
         artifact = flavor.get("artifacts", {}).get(CHECKPOINT_ARTIFACT, {})
         relative = artifact.get("path") if isinstance(artifact, Mapping) else None
-        if relative and (directory / relative / "config.json").is_file():
+        if relative and _is_checkpoint(directory / relative):
             return directory / relative
     found = sorted(p.parent for p in directory.rglob("config.json") if (p.parent / "tokenizer_config.json").is_file())
+    found = found or sorted(p.parent for p in directory.rglob("refinex_model.json"))
     if not found:
-        raise FileNotFoundError(f"no Hugging Face checkpoint in {directory}")
+        raise FileNotFoundError(f"no refine-model checkpoint in {directory}")
     return found[0]
 
 

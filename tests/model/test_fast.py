@@ -39,7 +39,7 @@ def fast_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = prepare_base("fast", cache_dir=tmp_path_factory.mktemp("bases"))
     out = tmp_path_factory.mktemp("fast") / "checkpoint"
     config = FastTrainConfig(n_features=2**12, embedding_size=16, hidden_size=32, epochs=8, batch_size=4,
-                             cv_folds=2, lr=5e-3, progress=False, plot=False)
+                             cv_folds=2, cv_min_documents=10, lr=5e-3, progress=False, plot=False)
     result = train_fast(_documents(48), base, out, config)
     return {"result": result, "out": out, "base": base}
 
@@ -142,6 +142,18 @@ def test_decoding_options_of_generated_programs_are_refused(fast_model: dict[str
         load_backend("transformers", str(fast_model["out"]), votes=4)
     with pytest.raises(ValueError, match="transformers backend"):
         load_backend("vllm", str(fast_model["out"]))
+
+
+def test_small_corpora_keep_the_default_threshold_and_train_longer(tmp_path: Path) -> None:
+    from refinex.model.bases import prepare_base
+    from refinex.model.fast.train import epochs_for
+
+    config = FastTrainConfig(n_features=2**10, embedding_size=8, hidden_size=16, epochs=1, min_steps=12,
+                             batch_size=4, progress=False, plot=False)
+    assert epochs_for(config, 8) == 6 and epochs_for(config, 400) == 1
+    result = train_fast(_documents(10), prepare_base("fast", cache_dir=tmp_path / "bases"), tmp_path / "m", config)
+    assert result.threshold == 0.5 and result.threshold_source.startswith("default (fewer than 100")
+    assert result.steps == 12
 
 
 def test_settings_are_checked() -> None:

@@ -132,3 +132,33 @@ def test_config_is_checked() -> None:
         TagTrainConfig(max_line_tokens=64, window_tokens=32)
     with pytest.raises(ValueError, match="unknown tag settings"):
         TagTrainConfig.from_dict({"epochz": 1})
+
+
+def test_structure_features_and_soft_labels(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from refinex.dom import DOM_FEATURES
+    from refinex.model.tagger import LAYOUT_FEATURES, line_labels
+    from refinex.model.tiers import reads_structure
+    from refinex.model.train import read_model_info
+
+    examples = []
+    for e in _examples(24, seed=5):
+        removed = line_labels("\n".join(e.lines), e.target)
+        page = np.zeros((len(e.lines), DOM_FEATURES), dtype=np.float32)
+        page[[i for i, gone in enumerate(removed) if gone], 9] = 1.0  # boilerplate sits in a <nav>
+        soft = tuple(None if not line.strip() else (0.8 if gone else 0.1) for line, gone in zip(e.lines, removed))
+        examples.append(TagExample(e.doc_id, e.lines, e.first_line, e.target, e.split, page, soft))
+    config = TagTrainConfig(epochs=6, batch_size=8, head_size=32, cv_folds=0, progress=False, lr=3e-3,
+                            structure_features=True, labels="soft")
+    result = train_tagger(examples, str(tiny_model_dir), tmp_path / "m", config)
+    info = read_model_info(tmp_path / "m")
+    assert reads_structure(info) and info["tag"]["layout_features"] == LAYOUT_FEATURES + DOM_FEATURES
+    assert result.train_losses[-1] < result.train_losses[0]
+    backend = load_backend("transformers", str(tmp_path / "m"))
+    assert backend.reads_structure
+    request = GenerationRequest.for_lines(list(examples[0].lines)).with_structure(examples[0].structure)
+    with_page, text_only = backend.probabilities([request, GenerationRequest.for_lines(list(examples[0].lines))])
+    assert with_page != text_only  # the structure columns are read; without HTML they are zeros
+    with pytest.raises(ValueError, match="labels"):
+        TagTrainConfig(labels="fuzzy")

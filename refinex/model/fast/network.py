@@ -5,7 +5,9 @@ sparse gradients: a step touches only the buckets its lines use) next to its den
 features, projected to ``hidden_size``. A bidirectional GRU over the document's lines (or
 residual convolutions of ``context_width`` lines) lets every line see the lines around it:
 a menu item is a short line among short lines, a comment follows a "Comments" heading. One
-linear layer gives each line its deletion logit. Padding is masked (the GRU is packed), so
+linear layer gives each line its deletion logit. The GRU sees the whole document; the
+convolutions (``dilated``: each layer's taps twice as far apart as the last's) see a window
+of lines but train about ten times faster on a CPU. Padding is masked (the GRU is packed), so
 a document's logits do not depend on the batch it is in.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ class FastArchitecture:
     context: str = "gru"
     context_layers: int = 2
     context_width: int = 5
+    dilated: bool = False  # convolution i spaces its taps 2**i lines apart (a wider view, same cost)
     dropout: float = 0.1
     dense_features: int = DENSE_FEATURES
 
@@ -88,11 +91,10 @@ class FastTagger(_module()):  # type: ignore[misc]
                                     batch_first=True, bidirectional=True,
                                     dropout=arch.dropout if arch.context_layers > 1 else 0.0)
         elif arch.context_layers:
-            self.convs.extend(
-                torch.nn.Conv1d(arch.hidden_size, arch.hidden_size, arch.context_width,
-                                padding=arch.context_width // 2)
-                for _ in range(arch.context_layers)
-            )
+            for layer in range(arch.context_layers):
+                dilation = 2**layer if arch.dilated else 1
+                self.convs.append(torch.nn.Conv1d(arch.hidden_size, arch.hidden_size, arch.context_width,
+                                                  padding=dilation * (arch.context_width // 2), dilation=dilation))
         self.dropout = torch.nn.Dropout(arch.dropout)
         self.out = torch.nn.Linear(arch.hidden_size, 1)
 

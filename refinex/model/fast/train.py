@@ -12,7 +12,9 @@ model also serves corpora without HTML.
 The deletion threshold is chosen like the tagging head's: ``cv_folds`` models (folds by a
 hash of the doc id) predict the training documents they did not see, and the threshold with
 the best kept-character F1 on those out-of-fold probabilities is stored with the model
-(``threshold`` fixes it). The final model is then trained on all training documents;
+(``threshold`` fixes it). Below ``cv_min_documents`` training documents the folds are too
+small to choose on (a threshold picked on a dozen pages is noise) and the default 0.5 is
+kept, which is what the targets' scale means; the model records why. The final model is then trained on all training documents;
 validation documents give the validation loss and kept-character F1.
 """
 from __future__ import annotations
@@ -56,11 +58,13 @@ class FastTrainConfig:
     context: str = "gru"
     context_layers: int = 2
     context_width: int = 5
+    dilated: bool = False
     dropout: float = 0.1
     structure: bool = True  # page-structure features where the document has HTML
     structure_dropout: float = 0.2  # share of training documents read without them, per epoch
     labels: str = "hard"  # hard: the distilled programs; soft: the consensus members' weighted vote
     epochs: int = 6
+    min_steps: int = 0  # at least this many optimizer steps: more epochs over a small corpus
     lr: float = 2.0e-3
     weight_decay: float = 0.01
     batch_size: int = 8  # documents per optimizer step
@@ -68,6 +72,7 @@ class FastTrainConfig:
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     cv_folds: int = 3
+    cv_min_documents: int = 100  # fewer training documents: no cross-validation, the default threshold
     threshold: Optional[float] = None  # a fixed deletion threshold (no cross-validation)
     seed: int = 0
     threads: Optional[int] = None  # torch threads (None: torch's default)
@@ -79,12 +84,16 @@ class FastTrainConfig:
         for name in ("epochs", "batch_size", "window_lines"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
         if self.labels not in LABELS:
             raise ValueError(f"labels must be one of {LABELS}, got {self.labels!r}")
         if not 0.0 <= self.structure_dropout < 1.0:
             raise ValueError(f"structure_dropout must be in [0, 1), got {self.structure_dropout}")
+        if self.cv_min_documents < 0:
+            raise ValueError(f"cv_min_documents must be >= 0, got {self.cv_min_documents}")
         if self.cv_folds < 0 or self.cv_folds == 1:
             raise ValueError(f"cv_folds must be 0 (no cross-validation) or >= 2, got {self.cv_folds}")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
@@ -99,7 +108,7 @@ class FastTrainConfig:
         return FastArchitecture(
             n_features=self.n_features, embedding_size=self.embedding_size, hidden_size=self.hidden_size,
             context=self.context, context_layers=self.context_layers, context_width=self.context_width,
-            dropout=self.dropout,
+            dilated=self.dilated, dropout=self.dropout,
         )
 
     @classmethod
@@ -193,6 +202,12 @@ def _loss(logits: Sequence[Any], targets: Sequence[np.ndarray], weights: Sequenc
     return (losses * w).sum() / max(total, 1e-9), total
 
 
+def epochs_for(config: FastTrainConfig, n_documents: int) -> int:
+    """``epochs``, or more when that many would take fewer than ``min_steps`` steps."""
+    steps_per_epoch = max(1, math.ceil(n_documents / config.batch_size))
+    return max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
+
+
 @dataclass
 class _Fit:
     network: Any
@@ -214,7 +229,8 @@ def _fit(items: Sequence[_Item], config: FastTrainConfig, desc: str, validation:
     dense = torch.optim.AdamW(network.dense_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sparse = torch.optim.SparseAdam(network.sparse_parameters(), lr=config.lr)
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    epochs = epochs_for(config, len(items))
+    total = steps_per_epoch * epochs
     warmup = round(config.warmup_ratio * total)
 
     def factor(step: int) -> float:
@@ -231,7 +247,7 @@ def _fit(items: Sequence[_Item], config: FastTrainConfig, desc: str, validation:
             fit.evals.append((0, loss))
     bar = tqdm(total=total, desc=desc, unit="step", disable=not config.progress, file=sys.stderr)
     network.train()
-    for _epoch in range(config.epochs):
+    for _epoch in range(epochs):
         order = list(range(len(items)))
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
@@ -324,6 +340,8 @@ def train_fast(
     threshold, source, cv_f1, scores = DEFAULT_THRESHOLD, "default", None, []
     if config.threshold is not None:
         threshold, source = float(config.threshold), "fixed"
+    elif config.cv_folds >= 2 and len(train_items) < config.cv_min_documents:
+        source = f"default (fewer than {config.cv_min_documents} training documents to cross-validate on)"
     elif config.cv_folds >= 2:
         out_of_fold: list[LabelledLines] = []
         for fold in range(config.cv_folds):
@@ -343,7 +361,7 @@ def train_fast(
         fit.evals.append((fit.steps, validation_loss))
     result = TagTrainResult(
         out_dir=Path(out_dir), base=str(base), base_path=Path(base_path), steps=fit.steps,
-        epochs_completed=float(config.epochs), train_losses=fit.losses, learning_rates=fit.rates,
+        epochs_completed=float(epochs_for(config, len(train_items))), train_losses=fit.losses, learning_rates=fit.rates,
         eval_losses=fit.evals, validation_loss=validation_loss, n_train_pairs=len(train_items),
         n_validation_pairs=len(val_items), n_skipped=skipped, n_truncated=0, train_target_tokens=fit.labelled,
         seconds=0.0, device="cpu", precision="fp32", precision_reason="the fast tier runs in fp32",

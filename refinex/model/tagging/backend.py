@@ -56,6 +56,8 @@ class TagBackend:
         self.threshold = float(threshold)
         self.config = config
         self.max_tokens = int(max_tokens)
+        #: The refine stage passes each chunk's page-structure features when the head reads them.
+        self.reads_structure = bool(architecture.structure_features)
         self.device = next(base.parameters()).device
         self.dtype = dtype
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -113,7 +115,8 @@ class TagBackend:
             if not request.lines:
                 raise ValueError("the tagging head needs the chunk's raw lines (GenerationRequest.lines)")
         started = time.perf_counter()
-        encoded = [self.encoder.encode(request.lines) for request in requests]
+        encoded = [self.encoder.encode(request.lines, request.structure if self.reads_structure else None)
+                   for request in requests]
         out: list[list[float]] = []
         tokens = sum(chunk.n_tokens for chunk in encoded)
         group = max(1, self.config.batch_size)

@@ -6,7 +6,9 @@ windows of at most ``window_tokens`` tokens (a window starts with bos where the 
 has one). The base (any ``transformers`` ``AutoModel``: its decoder without the LM head)
 runs one forward pass per window. A line's vector is its newline token's hidden state (it
 has seen the whole line and the lines above) next to the mean over the line's tokens, plus
-the line's layout features (:func:`refinex.model.tagger.layout_features`). Context over a
+the line's layout features (:func:`refinex.model.tagger.layout_features`) and, with
+``structure_features``, its page-structure features (:func:`refinex.dom.dom_line_features`,
+zeros where the page HTML is unknown). Context over a
 chunk's line vectors (residual convolutions, or a bidirectional GRU) lets each line see the
 lines after it, which the causal base cannot, and a linear layer gives one deletion logit
 per line.
@@ -26,6 +28,7 @@ __all__ = [
     "TagArchitecture",
     "TagHead",
     "line_vectors",
+    "n_layout_columns",
 ]
 
 HEAD_FILE = "tag_head.safetensors"
@@ -44,6 +47,7 @@ class TagArchitecture:
     context_layers: int = 2
     dropout: float = 0.1
     layout_features: bool = True
+    structure_features: bool = False  # the lines' page-structure features (refinex.dom) where HTML is known
     context: str = "conv"  # "conv" (residual convolutions over the lines) or "gru" (bidirectional)
     context_width: int = 5  # lines a convolution sees (odd)
 
@@ -103,8 +107,12 @@ class LineEncoder:
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos = () if bos is None else (int(bos),)
 
-    def encode(self, lines: Sequence[str]) -> EncodedChunk:
-        from refinex.model.tagger import LAYOUT_FEATURES, layout_features
+    def encode(self, lines: Sequence[str], structure: Optional[np.ndarray] = None) -> EncodedChunk:
+        """The chunk's windows and line spans; its layout columns are the layout features,
+        then (``structure_features``) the page-structure features (zeros when ``structure``,
+        the lines' :func:`refinex.dom.dom_line_features`, is ``None``)."""
+        from refinex.dom import DOM_FEATURES
+        from refinex.model.tagger import layout_features
 
         arch = self.architecture
         if not lines:
@@ -129,12 +137,22 @@ class LineEncoder:
             current.extend(piece)
             spans.append((len(windows), start, len(current) - 1))
         windows.append(current)
-        if arch.layout_features:
-            layout = layout_features(list(lines)).astype(np.float32)
-        else:
-            layout = np.zeros((len(lines), 0), dtype=np.float32)
-        assert layout.shape[1] in (0, LAYOUT_FEATURES)
+        parts = [layout_features(list(lines)).astype(np.float32)] if arch.layout_features else []
+        if arch.structure_features:
+            if structure is not None and structure.shape != (len(lines), DOM_FEATURES):
+                raise ValueError(f"structure has shape {structure.shape}, expected {(len(lines), DOM_FEATURES)}")
+            parts.append(np.zeros((len(lines), DOM_FEATURES), dtype=np.float32) if structure is None
+                         else structure.astype(np.float32))
+        layout = np.concatenate(parts, axis=1) if parts else np.zeros((len(lines), 0), dtype=np.float32)
         return EncodedChunk(tuple(tuple(w) for w in windows), tuple(spans), layout)
+
+
+def n_layout_columns(architecture: TagArchitecture) -> int:
+    """Columns of an :class:`EncodedChunk`'s ``layout`` for ``architecture``."""
+    from refinex.dom import DOM_FEATURES
+    from refinex.model.tagger import LAYOUT_FEATURES
+
+    return LAYOUT_FEATURES * bool(architecture.layout_features) + DOM_FEATURES * bool(architecture.structure_features)
 
 
 def line_vectors(hidden: Any, spans: Sequence[tuple[int, int, int]]) -> Any:

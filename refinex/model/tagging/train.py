@@ -60,6 +60,8 @@ class TagTrainConfig:
     context_width: int = 5
     dropout: float = 0.1
     layout_features: bool = True
+    structure_features: bool = False  # the lines' page-structure features where the page HTML is known
+    labels: str = "hard"  # hard: the chunk programs' remove_lines; soft: the consensus members' weighted vote
     train_layers: int = 0
     epochs: int = 6
     lr: float = 1.0e-3
@@ -98,6 +100,8 @@ class TagTrainConfig:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.labels not in ("hard", "soft"):
+            raise ValueError(f"labels must be one of ('hard', 'soft'), got {self.labels!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         from refinex.model.precision import PRECISIONS
@@ -112,7 +116,8 @@ class TagTrainConfig:
         return TagArchitecture(
             hidden_size=hidden_size, max_line_tokens=self.max_line_tokens, window_tokens=self.window_tokens,
             head_size=self.head_size, context_layers=self.context_layers, dropout=self.dropout,
-            layout_features=self.layout_features, context=self.context, context_width=self.context_width,
+            layout_features=self.layout_features, structure_features=self.structure_features, context=self.context,
+            context_width=self.context_width,
         )
 
     @classmethod
@@ -132,26 +137,44 @@ class TagTrainConfig:
 
 @dataclass(frozen=True)
 class TagExample:
-    """One chunk to learn from: its raw lines, first global id, target program and split."""
+    """One chunk to learn from: its raw lines, first global id, target program and split;
+    optionally its lines' page-structure features and soft targets (the share of the
+    consensus weight that removes each line, ``None`` on blank lines), which then replace the
+    program's labels in the loss."""
 
     doc_id: str
     lines: tuple[str, ...]
     first_line: int
     target: str
     split: str = "train"
+    structure: Any = field(default=None, compare=False, repr=False)
+    soft: Optional[tuple[Optional[float], ...]] = None
 
 
-def tag_examples(rows: Sequence[Mapping[str, Any]], texts: Mapping[str, str]) -> list[TagExample]:
-    """:class:`TagExample` of ``sft_pairs`` rows whose document text is in ``texts``."""
+def tag_examples(
+    rows: Sequence[Mapping[str, Any]], texts: Mapping[str, str], structures: Optional[Mapping[str, Any]] = None,
+    soft: Optional[Mapping[str, Sequence[Optional[float]]]] = None,
+) -> list[TagExample]:
+    """:class:`TagExample` of ``sft_pairs`` rows whose document text is in ``texts``, with
+    the chunk's slice of its document's page-structure features (``structures``: doc id ->
+    ``(lines, DOM_FEATURES)``) and soft targets (``soft``: doc id -> one per line) where given."""
     examples = []
     for row in rows:
-        text = texts.get(row["doc_id"])
+        doc_id = str(row["doc_id"])
+        text = texts.get(doc_id)
         if text is None:
             continue
-        lines = tuple(text.split("\n")[int(row["start_line"]) : int(row["end_line"]) + 1])
-        if lines:
-            examples.append(TagExample(str(row["doc_id"]), lines, int(row["start_line"]), str(row["target"]),
-                                       str(row.get("split") or "train")))
+        start, end = int(row["start_line"]), int(row["end_line"])
+        lines = tuple(text.split("\n")[start : end + 1])
+        if not lines:
+            continue
+        page = (structures or {}).get(doc_id)
+        targets = (soft or {}).get(doc_id)
+        examples.append(TagExample(
+            doc_id, lines, start, str(row["target"]), str(row.get("split") or "train"),
+            None if page is None else page[start : start + len(lines)],
+            None if targets is None else tuple(targets[start : start + len(lines)]),
+        ))
     return examples
 
 
@@ -249,11 +272,14 @@ def _prepare(encoder: Any, examples: Sequence[TagExample]) -> tuple[list[_Prepar
         except ValueError:
             skipped += 1
             continue
-        weights = [0.0 if label is None else math.log(2.0 + len(line.strip())) for line, label in
-                   zip(example.lines, labels)]
+        targets: Sequence[Optional[float]] = [None if label is None else float(label) for label in labels]
+        if example.soft is not None:
+            targets = [None if not line.strip() else (float(t) if t is not None else 0.0)
+                       for line, t in zip(example.lines, example.soft)]
+        weights = [0.0 if t is None else math.log(2.0 + len(line.strip())) for line, t in zip(example.lines, targets)]
         prepared.append(_Prepared(
-            example, encoder.encode(example.lines),
-            torch.tensor([float(bool(label)) for label in labels]), torch.tensor(weights),
+            example, encoder.encode(example.lines, example.structure),
+            torch.tensor([0.0 if t is None else t for t in targets]), torch.tensor(weights),
         ))
     return prepared, skipped
 
@@ -360,6 +386,13 @@ class _FeatureStore:
         partial.replace(self.path)
 
 
+def _hard_labels(example: TagExample) -> tuple[Optional[bool], ...]:
+    """Removed/kept per line (the soft targets' majority where the example has them)."""
+    if example.soft is not None:
+        return tuple(None if not line.strip() else (t or 0.0) >= 0.5 for line, t in zip(example.lines, example.soft))
+    return tuple(chunk_labels(example.lines, example.first_line, example.target))
+
+
 def _evaluate(tagger: _Tagger, items: Sequence[_Prepared]) -> tuple[Optional[float], list[LabelledLines]]:
     """Weighted validation loss and the probabilities of ``items``."""
     import torch
@@ -379,8 +412,7 @@ def _evaluate(tagger: _Tagger, items: Sequence[_Prepared]) -> tuple[Optional[flo
             total += float(loss.item()) * w
             weight += w
             for item, row in zip(batch, logits):
-                labels = chunk_labels(item.example.lines, item.example.first_line, item.example.target)
-                out.append(LabelledLines(item.example.lines, tuple(labels),
+                out.append(LabelledLines(item.example.lines, _hard_labels(item.example),
                                          tuple(float(p) for p in torch.sigmoid(row.float()).cpu().tolist())))
     tagger.head.train(was_training)
     return (total / weight if weight else None), out
@@ -493,8 +525,7 @@ def train_tagger(
 
     from refinex.model.bases import prepare_base
     from refinex.model.precision import resolve_precision
-    from refinex.model.tagger import LAYOUT_FEATURES
-    from refinex.model.tagging.model import LineEncoder
+    from refinex.model.tagging.model import LineEncoder, n_layout_columns
     from refinex.model.train import autocast_context, plot_loss_curve
 
     started = time.perf_counter()
@@ -510,7 +541,7 @@ def train_tagger(
     model.eval()
     hidden_size = int(model.config.hidden_size)
     architecture = config.architecture(hidden_size)
-    n_layout = LAYOUT_FEATURES if architecture.layout_features else 0
+    n_layout = n_layout_columns(architecture)
     encoder = LineEncoder(tokenizer, architecture)
     pad_id = int(tokenizer.pad_token_id)
 
