@@ -32,6 +32,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """The vector-instruction flags of /proc/cpuinfo that change model speed (``lscpu``'s
+    Flags, filtered): AVX2, AVX-512, its VNNI and BF16 parts, AMX."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return " ".join(flag for flag in VECTOR_FLAGS if flag in present) or "none of " + "/".join(VECTOR_FLAGS)
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> str:
+    """CPU model, vector flags and core count, the line every timing carries."""
+    return f"{cpu_model()} [{cpu_flags()}], {os.cpu_count()} cores"
+
+
 def load_average() -> str:
     """The 1-minute load average when the run ended (other processes share the cores)."""
     try:

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import re
 import zlib
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["DOM_FEATURES", "DOM_FEATURE_NAMES", "HASHED_TOKENS", "dom_line_features", "has_dom"]
+__all__ = ["DOM_FEATURES", "DOM_FEATURE_NAMES", "HASHED_TOKENS", "PageStructure", "dom_line_features", "has_dom",
+           "page_structure"]
 
 # Block elements that own a line (nearest one wins), grouped.
 _BLOCK_GROUPS: tuple[tuple[str, frozenset[str]], ...] = (
@@ -131,12 +133,15 @@ _WS = re.compile(r"\s+")
 _RESYNC = 12  # characters that must agree where a lost match resumes
 _RESYNC_WINDOW = 4000  # how far ahead (in page characters) a lost match looks
 _ADDED = frozenset("-\"0123456789.")  # characters the renderer adds (bullets, ordinals, quotes)
+_PATH_TAGS = 4  # tags of a line's tag path
+_NAME_WORDS = 16  # class/id/role words a line keeps, nearest ancestors first
 
 
 class _Context:
     """What one element says about the text inside it (computed once per element)."""
 
-    __slots__ = ("block", "flags", "keywords", "roles", "tokens", "depth", "order", "block_element", "in_link")
+    __slots__ = ("block", "flags", "keywords", "roles", "tokens", "depth", "order", "block_element", "in_link",
+                 "names", "path")
 
     def __init__(self) -> None:
         self.block = -1
@@ -148,6 +153,8 @@ class _Context:
         self.order = 0
         self.block_element: Any = None
         self.in_link = False
+        self.names: tuple[str, ...] = ()  # class/id/role words of the nearest ancestors, nearest first
+        self.path: tuple[str, ...] = ()  # the nearest ancestors' tags, outermost first
 
 
 def _names(element: Any) -> str:
@@ -162,7 +169,10 @@ def _context(element: Any, parent: Optional[_Context], order: int) -> _Context:
         ctx.block, ctx.flags, ctx.keywords, ctx.roles = parent.block, parent.flags, parent.keywords, parent.roles
         ctx.depth, ctx.block_element, ctx.in_link = parent.depth + 1, parent.block_element, parent.in_link
         ctx.tokens = parent.tokens
+        ctx.names, ctx.path = parent.names, parent.path
     ctx.order = order
+    if tag:
+        ctx.path = (ctx.path + (tag,))[-_PATH_TAGS:]
     if tag in _BLOCK_TAGS:
         ctx.block, ctx.block_element = _BLOCK_OF[tag], element
     for bit, (_, tags) in enumerate(_ANCESTOR_FLAGS):
@@ -179,9 +189,17 @@ def _context(element: Any, parent: Optional[_Context], order: int) -> _Context:
         for bit, (_, roles) in enumerate(_ROLE_FLAGS):
             if role in roles:
                 ctx.roles |= 1 << bit
-        tokens = {zlib.crc32(tok.encode()) % HASHED_TOKENS for tok in _NAME_SPLIT.split(names) if len(tok) > 1}
+        words = []
+        for tok in _NAME_SPLIT.split(names):
+            if len(tok) > 1:
+                words.append(tok)
+                parts = [part for part in tok.split("-") if len(part) > 1]
+                words.extend(parts if len(parts) > 1 else ())
+        tokens = {zlib.crc32(tok.encode()) % HASHED_TOKENS for tok in words}
         if tokens:
             ctx.tokens = ctx.tokens | frozenset(tokens)
+        if words:
+            ctx.names = (tuple(dict.fromkeys(words)) + ctx.names)[:_NAME_WORDS]
     return ctx
 
 
@@ -292,21 +310,56 @@ def has_dom(html: Optional[str]) -> bool:
     return bool(html and html.strip())
 
 
+@dataclass(frozen=True)
+class PageStructure:
+    """What the page's markup says about each line of its text: the :data:`DOM_FEATURES`
+    numbers (``features``) and, for models that read words, the words themselves
+    (``tokens``: per line, ``tag:<tag>`` for its nearest ancestors, ``path:<a>/<b>/<c>``
+    for its tag path and ``name:<word>`` for the class/id/role words around it; empty for a
+    line not found in the page)."""
+
+    features: np.ndarray
+    tokens: tuple[tuple[str, ...], ...]
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def __getitem__(self, rows: slice) -> "PageStructure":
+        if not isinstance(rows, slice):
+            raise TypeError("a PageStructure is sliced by lines")
+        return PageStructure(self.features[rows], self.tokens[rows])
+
+    @classmethod
+    def empty(cls, n_lines: int) -> "PageStructure":
+        return cls(np.zeros((n_lines, DOM_FEATURES), dtype=np.float32), ((),) * n_lines)
+
+
 def dom_line_features(html: Optional[str], lines: Sequence[str]) -> np.ndarray:
     """``(len(lines), DOM_FEATURES)`` float32: the structure features of every line of the
     page's text (``refinex.text.html_to_text(html).split("\\n")``); all zeros without HTML."""
-    rows = np.zeros((len(lines), DOM_FEATURES), dtype=np.float32)
+    return page_structure(html, lines).features
+
+
+def _line_tokens(ctx: _Context) -> tuple[str, ...]:
+    return (*(f"tag:{t}" for t in ctx.path), "path:" + "/".join(ctx.path), *(f"name:{w}" for w in ctx.names))
+
+
+def page_structure(html: Optional[str], lines: Sequence[str]) -> PageStructure:
+    """The :class:`PageStructure` of every line of the page's text; empty without HTML."""
+    empty = PageStructure.empty(len(lines))
     if not has_dom(html) or not lines:
-        return rows
+        return empty
     try:
         tree = _parse(str(html))
     except Exception:  # noqa: BLE001 - features are optional: an unreadable page has none
-        return rows
+        return empty
     if tree is None:
-        return rows
+        return empty
     page, owner, contexts = _page_chars(tree)
     if not page:
-        return rows
+        return empty
+    rows = empty.features
+    tokens: list[tuple[str, ...]] = [()] * len(lines)
     total_order = max(1, len(contexts) - 1)
     sizes: dict[int, int] = {}
     for index in owner:
@@ -326,6 +379,7 @@ def dom_line_features(html: Optional[str], lines: Sequence[str]) -> np.ndarray:
             links += contexts[index].in_link
         best = max(counts, key=lambda k: (counts[k], -k))
         ctx = contexts[best]
+        tokens[row] = _line_tokens(ctx)
         out = rows[row]
         out[0] = 1.0
         out[1] = len(positions) / text_chars
@@ -354,4 +408,4 @@ def dom_line_features(html: Optional[str], lines: Sequence[str]) -> np.ndarray:
                 out[_ROLE_AT + bit] = 1.0
         for token in ctx.tokens:
             out[_TOKEN_AT + token] = 1.0
-    return rows
+    return PageStructure(rows, tuple(tokens))

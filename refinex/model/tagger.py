@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import string
+from pathlib import Path
 from collections import Counter
 from typing import Any, Optional, Sequence, Union
 
@@ -25,7 +26,8 @@ from refinex.evaluation.scores import ratio
 from refinex.program import parse
 from refinex.program.ops import KeepAll, Program, RemoveLines
 
-__all__ = ["LAYOUT_FEATURES", "LineTagger", "layout_features", "line_labels", "program_from_labels"]
+__all__ = ["LAYOUT_FEATURES", "LineTagger", "LineTaggerBackend", "layout_features", "line_labels",
+           "program_from_labels", "save_checkpoint"]
 
 FORMAT = "refinex-line-tagger"
 FORMAT_VERSION = 1
@@ -237,3 +239,64 @@ class LineTagger:
         tagger.classifier = data["classifier"]
         tagger.constant = data["constant"]
         return tagger
+
+
+CHECKPOINT_FILE = "line_tagger.joblib"
+ENCODER = "linear"
+
+
+def save_checkpoint(tagger: LineTagger, out_dir: Union[str, os.PathLike[str]], max_tokens: int = 20000) -> None:
+    """The tagger as a refine-model checkpoint (the ``linear`` tier of :mod:`refinex.model.tiers`):
+    ``line_tagger.joblib``, a ``refinex_model.json`` naming it, and a whitespace chunk counter
+    (whole documents up to ``max_tokens`` words), so ``refinex refine --model <dir>`` runs it
+    through the same stage as every model."""
+    import json
+
+    from refinex.model.bases import BASE_INFO_FILE
+    from refinex.model.train import MODEL_INFO_FILE, MODEL_INFO_FORMAT
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tagger.save(out / CHECKPOINT_FILE)
+    (out / BASE_INFO_FILE).write_text(json.dumps({"base": "line-tagger", "kind": "hashed", "counter": {
+        "kind": "whitespace", "max_tokens": int(max_tokens)}}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    info = {"format": MODEL_INFO_FORMAT, "head": "tag", "encoder": ENCODER, "tier": ENCODER,
+            "linear": {"params": tagger.params(), "threshold": tagger.threshold}}
+    (out / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class LineTaggerBackend:
+    """The line tagger as a refine backend (``generate(requests)``): each chunk's lines are
+    classified alone (no page structure, no context beyond the layout features)."""
+
+    name = "transformers"
+
+    def __init__(self, tagger: LineTagger, config: Any = None) -> None:
+        self.tagger = tagger
+        self.config = config
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike[str]], config: Any = None, *, threshold: Optional[float] = None,
+                        **_ignored: Any) -> "LineTaggerBackend":
+        """Load a checkpoint written by :func:`save_checkpoint` (a trusted file: joblib unpickles)."""
+        tagger = LineTagger.load(Path(path) / CHECKPOINT_FILE)
+        if threshold is not None:
+            tagger.threshold = float(threshold)
+        return cls(tagger, config)
+
+    def close(self) -> None:
+        self.tagger = None  # type: ignore[assignment]
+
+    def generate(self, requests: Sequence[Any]) -> list[str]:
+        from refinex.program import render_program
+
+        out = []
+        for request in requests:
+            if not request.lines:
+                raise ValueError("the line tagger needs the chunk's raw lines (GenerationRequest.lines)")
+            removed = self.tagger.predict_lines("\n".join(request.lines))
+            program = program_from_labels(removed)
+            ops = tuple(RemoveLines(op.start + request.first_line, op.end + request.first_line)
+                        if isinstance(op, RemoveLines) else op for op in program.ops)
+            out.append(render_program(Program(ops)))
+        return out

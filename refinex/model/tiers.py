@@ -7,8 +7,10 @@ and the registry never ask the user:
   generative head, :mod:`refinex.model.backends`);
 * ``tag``: a pretrained transformer reads each chunk's lines once and a small head tags
   the lines to delete (:mod:`refinex.model.tagging`);
-* ``fast``: no transformer: hashed n-grams, layout and page-structure features with a GRU
-  over the document's lines (:mod:`refinex.model.fast`), for CPU executors.
+* ``fast``: no transformer: hashed n-grams, layout and page-structure features with
+  convolutions over the document's lines (:mod:`refinex.model.fast`), for CPU executors;
+* ``linear``: the line-tagger baseline (logistic regression on each line alone,
+  :mod:`refinex.model.tagger`), runnable through the same stage to be measured beside them.
 
 Backends of the tagging tiers are found here by name (imported when used), so the backend
 interface (:mod:`refinex.model.backends.base`) does not import them.
@@ -20,19 +22,21 @@ import os
 from typing import Any, Mapping
 
 __all__ = [
-    "TIERS", "TIER_FAST", "TIER_GENERATE", "TIER_TAG", "reads_structure", "recorded_threshold", "tag_config_class", "tagging_backend",
-    "tier_of",
+    "TIERS", "TIER_FAST", "TIER_GENERATE", "TIER_LINEAR", "TIER_TAG", "reads_structure", "recorded_threshold",
+    "tag_config_class", "tagging_backend", "tier_of",
 ]
 
 TIER_GENERATE = "generate"
 TIER_TAG = "tag"
 TIER_FAST = "fast"
-TIERS = (TIER_GENERATE, TIER_TAG, TIER_FAST)
+TIER_LINEAR = "linear"
+TIERS = (TIER_GENERATE, TIER_TAG, TIER_FAST, TIER_LINEAR)
 
 # tier -> "module:class" of its backend (a class with ``from_pretrained(path, config, **options)``)
 _TAGGING_BACKENDS = {
     TIER_TAG: "refinex.model.tagging.backend:TagBackend",
     TIER_FAST: "refinex.model.fast.backend:FastBackend",
+    TIER_LINEAR: "refinex.model.tagger:LineTaggerBackend",
 }
 
 
@@ -40,7 +44,7 @@ def tier_of(info: Mapping[str, Any]) -> str:
     """The tier of a checkpoint's ``refinex_model.json`` (``{}``: a generative checkpoint)."""
     if info.get("head") != "tag":
         return TIER_GENERATE
-    return TIER_FAST if info.get("encoder") == "hashed" else TIER_TAG
+    return {"hashed": TIER_FAST, "linear": TIER_LINEAR}.get(str(info.get("encoder")), TIER_TAG)
 
 
 def reads_structure(info: Mapping[str, Any]) -> bool:
@@ -55,7 +59,7 @@ def reads_structure(info: Mapping[str, Any]) -> bool:
 
 def recorded_threshold(info: Mapping[str, Any]) -> float:
     """The deletion threshold a tagging tier's model chose at training."""
-    section = info.get("fast") if tier_of(info) == TIER_FAST else info.get("tag")
+    section = info.get({TIER_FAST: "fast", TIER_LINEAR: "linear"}.get(tier_of(info), "tag"))
     if not section or "threshold" not in section:
         raise ValueError("the model records no deletion threshold (not a tagging-tier model?)")
     return float(section["threshold"])

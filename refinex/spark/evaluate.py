@@ -61,6 +61,7 @@ UNKNOWN_SOURCE = "unknown"
 RATIO_BINS = 20
 TAG_PREFIX = "refinex.eval."
 GOLD_FROM_DOCUMENTS = "documents"
+SPLITS = ("train", "validation")
 
 _PASSED_THROUGH = (
     StructField("deletion_ratio", DoubleType()),
@@ -162,10 +163,19 @@ def _version(df: DataFrame, origin: str, origin_version: str) -> DataFrame:
 
 
 def document_frame(
-    ctx: StageContext, origin: str, origin_version: str, expert_version: Optional[str], gold: Optional[str]
+    ctx: StageContext, origin: str, origin_version: str, expert_version: Optional[str], gold: Optional[str],
+    split: Optional[str] = None,
 ) -> DataFrame:
-    """Every document with this version's result and program, the expert's program and gold."""
-    documents = ctx.read(DOCUMENTS).select(
+    """Every document (of one SFT ``split``, when given) with this version's result and
+    program, the expert's program and gold."""
+    documents = ctx.read(DOCUMENTS)
+    if split is not None:
+        from refinex.spark.sft import split_filter
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        documents = documents.where(split_filter(float(ctx.config.sft.validation_fraction))(F.col("doc_id")) == split)
+    documents = documents.select(
         "doc_id", F.coalesce(F.col("source"), F.lit(UNKNOWN_SOURCE)).alias("source"),
         F.get_json_object("metadata", "$.page_type").alias("page_type"), "text"
     )
@@ -388,8 +398,11 @@ def _record_in_mlflow(
 
 def evaluate_outputs(
     ctx: StageContext, origin: Optional[str] = None, origin_version: Optional[str] = None, gold: Optional[str] = None,
+    split: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Score one origin version's results into ``evaluations`` (see the module docstring)."""
+    """Score one origin version's results into ``evaluations`` (see the module docstring);
+    ``split`` scores only the documents of that SFT split (``validation``: the pages no
+    model of this workdir trained on); its scopes then cover those documents."""
     config = ctx.config
     origin, origin_version = resolve_origin(ctx.spark, config, ctx.tables, origin, origin_version,
                                             prefer_latest_apply=True)
@@ -400,7 +413,7 @@ def evaluate_outputs(
         ctx.spark, ctx.tables, ORIGIN_DISTILLED)
     g = config.guardrails
     per_document = (
-        document_frame(ctx, origin, origin_version, expert_version, gold)
+        document_frame(ctx, origin, origin_version, expert_version, gold, split)
         .repartition(config.spark.partitions, "doc_id")
         .mapInPandas(_evaluate_partition(float(g.max_error_ratio), int(g.min_kept_chars)), DOCUMENT_SCHEMA)
     )
@@ -425,14 +438,17 @@ def evaluate_outputs(
                     origin, version_label(origin_version),
                     f"no page of {gold} is a document" if gold else "the documents carry none and no --gold")
     recorded = record_in_mlflow(ctx, origin, origin_version, rows, plots,
-                                {"gold": gold_source, "expert_version": expert_version, "run_id": ctx.run_id})
-    ctx.record(origin=origin, origin_version=origin_version, gold=gold_source, expert_version=expert_version)
+                                {"gold": gold_source, "expert_version": expert_version, "run_id": ctx.run_id,
+                                 "split": split})
+    ctx.record(origin=origin, origin_version=origin_version, gold=gold_source, expert_version=expert_version,
+               split=split)
     return {
         "origin": origin,
         "origin_version": origin_version,
         "version_label": version_label(origin_version),
         "expert_version": expert_version,
         "gold": gold_source,
+        "split": split,
         **{name: overall[name] for name in METRIC_COLUMNS},
         "by_source": {row["scope"]: {name: row[name] for name in METRIC_COLUMNS if row[name] is not None}
                       for row in rows[1:]},
@@ -465,6 +481,7 @@ EVALUATE = Stage(
         *ORIGIN_PARAMS,
         Param("gold", "Pages file (JSON Lines, .gz allowed, with id and gold) to score against "
               "(default: evaluate.gold, else the gold the documents carry)."),
+        Param("split", "Only the documents of this SFT split: train or validation (held-out scores)."),
     ),
     describe=describe,
 )

@@ -160,6 +160,14 @@ def _scored_on(result: dict[str, Any]) -> list[str]:
             "measures how well it fits its teacher, not how it does on unseen pages (BENCHMARKS.md measures that)"]
 
 
+def _decoder(refine: Mapping[str, Any]) -> str:
+    """How the refine stage decoded: the tier of a tagging model, else backend and constraints."""
+    tier = refine.get("tier")
+    if tier in ("tag", "fast"):
+        return f"{tier} tier{', page structure' if refine.get('reads_structure') else ''}"
+    return f"{refine['backend']}{', constrained' if refine['constrained'] else ''}"
+
+
 def _model_lines(result: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     sft = result.get("sft_pairs")
@@ -176,7 +184,9 @@ def _model_lines(result: dict[str, Any]) -> list[str]:
             loss = train.get("validation_loss")
             first = train.get("initial_validation_loss")
             lines.append(
-                f"train: {train['model_uri']} ({train['base']}, {train['steps']} steps, {train['train_seconds']}s); "
+                f"train: {train['model_uri']} ({train['base']}"
+                + (f", {train['tier']} tier" if train.get("tier") else "")
+                + f", {train['steps']} steps, {train['train_seconds']}s); "
                 f"validation loss {'n/a' if first is None else f'{first:.3f}'} -> "
                 f"{'n/a' if loss is None else f'{loss:.3f}'}"
                 + (f"; validation chunks: removed-character F1 {train['val_char_f1']:.3f}, line F1 "
@@ -188,7 +198,7 @@ def _model_lines(result: dict[str, Any]) -> list[str]:
         rate = refine["docs_per_s"]
         lines.append(
             f"refine: {refine['processed']} documents ({refine['chunks']} chunks) with {refine['model_uri']} "
-            f"[{refine['backend']}{', constrained' if refine['constrained'] else ''}] in {refine['generate_seconds']}s"
+            f"[{_decoder(refine)}] in {refine['generate_seconds']}s"
             + ("" if rate is None else f" ({rate:.2f} docs/s)")
             + f", {refine['skipped_existing']} already done; invalid chunks {refine['invalid_chunks']}; "
             f"model loaded {refine['model_loads']}x in {refine['worker_processes']} worker process(es)"

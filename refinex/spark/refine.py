@@ -48,6 +48,7 @@ from refinex.config import Config
 from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, MODEL_OUTPUTS, ORIGIN_MODEL, PROGRAMS, STAGE_RUNS
 from refinex.locations import is_local, local_path
+from refinex.spark.sft import split_filter
 from refinex.spark.train import models_dir, tracking_uri_for
 from refinex.model.train import read_model_info
 
@@ -324,8 +325,8 @@ def refine_documents(
 ) -> list[dict[str, Any]]:
     """Rows of ``REFINED_SCHEMA`` (without worker columns) for ``(doc_id, text)`` pairs.
 
-    A backend that reads page structure (``reads_structure``) gets each chunk's
-    :func:`refinex.dom.dom_line_features`, computed from the document's HTML (``pages``,
+    A backend that reads page structure (``reads_structure``) gets each chunk's slice of
+    its document's :func:`refinex.dom.page_structure`, computed from the document's HTML (``pages``,
     in the order of ``docs``; ``None`` where a document has none).
     """
     from refinex.chunking import chunk_document, merge_chunk_programs
@@ -338,9 +339,9 @@ def refine_documents(
         lines = text.split("\n")
         structure = None
         if structured and pages is not None and pages[index]:
-            from refinex.dom import dom_line_features
+            from refinex.dom import page_structure
 
-            structure = dom_line_features(pages[index], lines)
+            structure = page_structure(pages[index], lines)
         for chunk in chunk_document(text, count_tokens, max_tokens=max_tokens):
             request = GenerationRequest.for_chunk(chunk, lines)
             if structure is not None:
@@ -421,17 +422,6 @@ def _refine_partition(
 # --- the stage -------------------------------------------------------------------------------
 
 
-def _split_filter(fraction: float) -> Any:
-    """A UDF: the SFT split (``refinex.model.sft.assign_split``) of a doc id."""
-
-    def split_of(doc_id: str) -> str:
-        from refinex.model.sft import assign_split
-
-        return assign_split(doc_id, fraction)
-
-    return F.udf(split_of, StringType())
-
-
 def _select_documents(ctx: StageContext, split: Optional[str], limit: Optional[int], html: bool = False) -> DataFrame:
     config = ctx.config
     documents = ctx.read(DOCUMENTS).select("doc_id", "text", *(["html"] if html else []))
@@ -439,7 +429,7 @@ def _select_documents(ctx: StageContext, split: Optional[str], limit: Optional[i
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         fraction = float(config.sft.validation_fraction)
-        documents = documents.where(_split_filter(fraction)(F.col("doc_id")) == split)
+        documents = documents.where(split_filter(fraction)(F.col("doc_id")) == split)
     if limit is not None:
         documents = documents.orderBy("doc_id").limit(limit)
     return documents

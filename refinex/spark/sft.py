@@ -148,6 +148,18 @@ def resolve_sft_version(spark: SparkSession, config: Config, tables: "TableResol
     return chosen or default_origin_version(spark, config, tables, ORIGIN_DISTILLED)
 
 
+def split_filter(fraction: float) -> Any:
+    """A UDF: the SFT split (``refinex.model.sft.assign_split``) of a doc id."""
+    from pyspark.sql.types import StringType
+
+    def split_of(doc_id: str) -> str:
+        from refinex.model.sft import assign_split
+
+        return assign_split(doc_id, fraction)
+
+    return F.udf(split_of, StringType())
+
+
 def _sample_filter(validation_fraction: float, sample: float) -> Any:
     """A UDF: whether a document stays (every validation document; training documents in
     the training sample, ``refinex.model.sft.in_train_sample``)."""

@@ -233,10 +233,10 @@ def _labelled_pages(ctx: StageContext, rows: Sequence[Any], sft_version: str, ht
 
 
 def _structures(pages: Mapping[str, Any]) -> dict[str, Any]:
-    """Per document with HTML, its lines' page-structure features."""
-    from refinex.dom import dom_line_features
+    """Per document with HTML, its lines' :class:`refinex.dom.PageStructure`."""
+    from refinex.dom import page_structure
 
-    return {doc_id: dom_line_features(row["html"], (row["text"] or "").split("\n"))
+    return {doc_id: page_structure(row["html"], (row["text"] or "").split("\n"))
             for doc_id, row in pages.items() if row["html"]}
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from refinex.dom import DOM_FEATURES
+from refinex.dom import DOM_FEATURES, PageStructure
 from refinex.model.backends import GenerationRequest, load_backend
 from refinex.model.fast.features import DENSE_FEATURES, line_features
 from refinex.model.fast.train import FastDocument, FastTrainConfig, document_targets, train_fast
@@ -23,10 +23,13 @@ def _documents(n_docs: int, seed: int = 3, structure: bool = True) -> list[FastD
         lines = raw.split("\n")
         removed = line_labels(raw, program)
         # a page-structure signal where the HTML is known: boilerplate lines sit in a <nav>
-        page = np.zeros((len(lines), DOM_FEATURES), dtype=np.float32) if structure else None
-        if page is not None:
-            page[:, 0] = 1.0
-            page[[j for j, gone in enumerate(removed) if gone], 9] = 1.0
+        page = None
+        if structure:
+            features = np.zeros((len(lines), DOM_FEATURES), dtype=np.float32)
+            features[:, 0] = 1.0
+            features[[j for j, gone in enumerate(removed) if gone], 9] = 1.0
+            words = tuple(("tag:nav", "name:menu") if gone else ("tag:article",) for gone in removed)
+            page = PageStructure(features, words)
         docs.append(FastDocument(doc_id, tuple(lines), document_targets(lines, removed=removed), page,
                                  "validation" if i % 6 == 0 else "train"))
     return docs
@@ -69,12 +72,15 @@ def test_line_features_are_stateless_and_sliceable() -> None:
     window = a.rows(1, 3)
     assert window.n_lines == 2 and window.offsets[0] == 0
     assert np.array_equal(window.indices, a.indices[a.offsets[1]:])
-    page = np.ones((3, DOM_FEATURES), dtype=np.float32)
-    with_page = line_features(lines, 2**10, page)
+    page = PageStructure(np.ones((3, DOM_FEATURES), dtype=np.float32), (("name:menu",), (), ("tag:p",)))
+    with_page = line_features(lines, 2**10, page, keep_text_only=True)
     assert (with_page.dense[:, LAYOUT_FEATURES:] == 1).all()
+    assert len(with_page.indices) == len(a.indices) + 2  # the page words join the n-grams
     assert not with_page.without_structure().dense[:, LAYOUT_FEATURES:].any()
-    with pytest.raises(ValueError, match="shape"):
-        line_features(lines, 2**10, np.ones((2, DOM_FEATURES), dtype=np.float32))
+    assert np.array_equal(with_page.without_structure().indices, a.indices)
+    assert line_features(lines, 2**10, page).text_only is None  # inference keeps no text-only copy
+    with pytest.raises(ValueError, match="structure of 2 lines"):
+        line_features(lines, 2**10, page[0:2])
     long = line_features(["x" * 500_000], 2**10)  # a huge line costs no more than a long one
     assert long.offsets[-1] < 1000
 
@@ -134,7 +140,7 @@ def test_batched_equals_unbatched_and_text_only_runs(fast_model: dict[str, Any])
 
 def test_structure_must_match_the_chunk() -> None:
     with pytest.raises(ValueError, match="structure features of 2 lines"):
-        GenerationRequest.for_lines(["a", "b", "c"]).with_structure(np.zeros((2, DOM_FEATURES)))
+        GenerationRequest.for_lines(["a", "b", "c"]).with_structure(PageStructure.empty(2))
 
 
 def test_decoding_options_of_generated_programs_are_refused(fast_model: dict[str, Any]) -> None:

@@ -135,3 +135,24 @@ def test_blank_lines_follow_the_line_above(tagger: LineTagger) -> None:
     assert tagger.predict_program(raw) == Program((RemoveLines(0, 2), RemoveLines(6, 6)))
     with pytest.raises(ValueError, match="no non-blank line"):
         LineTagger().fit([("\n  \n", "remove_lines(0, 1)")])
+
+
+def test_a_saved_tagger_runs_as_the_linear_tier(tmp_path: Path, corpus: tuple[list, list], tagger: LineTagger) -> None:
+    from refinex.model.backends import GenerationRequest, load_backend
+    from refinex.model.tagger import LineTaggerBackend, save_checkpoint
+    from refinex.model.tiers import TIER_LINEAR, tier_of
+    from refinex.model.train import read_model_info
+    from refinex.spark.sft import chunk_budget, tokenizer_files
+
+    _, test = corpus
+    save_checkpoint(tagger, tmp_path / "linear")
+    assert tier_of(read_model_info(tmp_path / "linear")) == TIER_LINEAR
+    assert chunk_budget(tokenizer_files(tmp_path / "linear"), 512) == 20000
+    backend = load_backend("transformers", str(tmp_path / "linear"))
+    assert isinstance(backend, LineTaggerBackend)
+    for raw, _program in test[:5]:
+        lines = raw.split("\n")
+        text = backend.generate([GenerationRequest.for_lines(lines, 10)])[0]
+        shifted = [RemoveLines(op.start + 10, op.end + 10) if isinstance(op, RemoveLines) else op
+                   for op in tagger.predict_program(raw).ops]
+        assert parse(text) == Program(tuple(shifted))

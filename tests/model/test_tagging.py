@@ -137,7 +137,7 @@ def test_config_is_checked() -> None:
 def test_structure_features_and_soft_labels(tiny_model_dir: Path, tmp_path: Path) -> None:
     import numpy as np
 
-    from refinex.dom import DOM_FEATURES
+    from refinex.dom import DOM_FEATURES, PageStructure
     from refinex.model.tagger import LAYOUT_FEATURES, line_labels
     from refinex.model.tiers import reads_structure
     from refinex.model.train import read_model_info
@@ -148,7 +148,8 @@ def test_structure_features_and_soft_labels(tiny_model_dir: Path, tmp_path: Path
         page = np.zeros((len(e.lines), DOM_FEATURES), dtype=np.float32)
         page[[i for i, gone in enumerate(removed) if gone], 9] = 1.0  # boilerplate sits in a <nav>
         soft = tuple(None if not line.strip() else (0.8 if gone else 0.1) for line, gone in zip(e.lines, removed))
-        examples.append(TagExample(e.doc_id, e.lines, e.first_line, e.target, e.split, page, soft))
+        examples.append(TagExample(e.doc_id, e.lines, e.first_line, e.target, e.split,
+                                   PageStructure(page, ((),) * len(e.lines)), soft))
     config = TagTrainConfig(epochs=6, batch_size=8, head_size=32, cv_folds=0, progress=False, lr=3e-3,
                             structure_features=True, labels="soft")
     result = train_tagger(examples, str(tiny_model_dir), tmp_path / "m", config)

@@ -49,7 +49,7 @@ class GenerationRequest:
     ``prompt`` is the full model input; ``first_line .. last_line`` are the chunk's
     document-global line ids; ``lines`` its raw lines (for constraints; may be empty, then
     constrained decoding never allows ``remove_str``). ``structure`` holds the lines'
-    page-structure features (:func:`refinex.dom.dom_line_features`) when the page HTML is
+    page structure (a slice of :func:`refinex.dom.page_structure`) when the page HTML is
     known and the model reads it (``None`` otherwise).
     """
 

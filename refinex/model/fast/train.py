@@ -121,13 +121,14 @@ class FastTrainConfig:
 
 @dataclass(frozen=True)
 class FastDocument:
-    """One document to learn from: its lines, page-structure features (``None``: no HTML),
-    per-line targets (``None`` on blank lines) and split."""
+    """One document to learn from: its lines, page structure (a
+    :class:`refinex.dom.PageStructure`; ``None``: no HTML), per-line targets (``None`` on
+    blank lines) and split."""
 
     doc_id: str
     lines: tuple[str, ...]
     targets: tuple[Optional[float], ...]
-    structure: Optional[np.ndarray] = None
+    structure: Any = None
     split: str = "train"
 
     def __post_init__(self) -> None:
@@ -176,8 +177,8 @@ def _prepare(docs: Sequence[FastDocument], config: FastTrainConfig) -> list[_Ite
         if not doc.lines or not any(t is not None for t in doc.targets):
             continue
         structure = doc.structure if config.structure else None
-        full = line_features(doc.lines, config.n_features, structure)
-        text_only = full.without_structure() if structure is not None else full
+        full = line_features(doc.lines, config.n_features, structure, keep_text_only=config.structure_dropout > 0)
+        text_only = full.without_structure()
         targets = np.array([0.0 if t is None else float(t) for t in doc.targets], dtype=np.float32)
         weights = np.array([0.0 if t is None else math.log(2.0 + len(line.strip()))
                             for line, t in zip(doc.lines, doc.targets)], dtype=np.float32)

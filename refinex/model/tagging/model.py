@@ -7,7 +7,7 @@ has one). The base (any ``transformers`` ``AutoModel``: its decoder without the 
 runs one forward pass per window. A line's vector is its newline token's hidden state (it
 has seen the whole line and the lines above) next to the mean over the line's tokens, plus
 the line's layout features (:func:`refinex.model.tagger.layout_features`) and, with
-``structure_features``, its page-structure features (:func:`refinex.dom.dom_line_features`,
+``structure_features``, its page-structure features (:class:`refinex.dom.PageStructure`,
 zeros where the page HTML is unknown). Context over a
 chunk's line vectors (residual convolutions, or a bidirectional GRU) lets each line see the
 lines after it, which the causal base cannot, and a linear layer gives one deletion logit
@@ -107,10 +107,10 @@ class LineEncoder:
         bos = getattr(tokenizer, "bos_token_id", None)
         self.bos = () if bos is None else (int(bos),)
 
-    def encode(self, lines: Sequence[str], structure: Optional[np.ndarray] = None) -> EncodedChunk:
+    def encode(self, lines: Sequence[str], structure: Any = None) -> EncodedChunk:
         """The chunk's windows and line spans; its layout columns are the layout features,
         then (``structure_features``) the page-structure features (zeros when ``structure``,
-        the lines' :func:`refinex.dom.dom_line_features`, is ``None``)."""
+        the lines' :class:`refinex.dom.PageStructure`, is ``None``)."""
         from refinex.dom import DOM_FEATURES
         from refinex.model.tagger import layout_features
 
@@ -139,10 +139,10 @@ class LineEncoder:
         windows.append(current)
         parts = [layout_features(list(lines)).astype(np.float32)] if arch.layout_features else []
         if arch.structure_features:
-            if structure is not None and structure.shape != (len(lines), DOM_FEATURES):
-                raise ValueError(f"structure has shape {structure.shape}, expected {(len(lines), DOM_FEATURES)}")
+            if structure is not None and len(structure) != len(lines):
+                raise ValueError(f"structure of {len(structure)} lines for {len(lines)} lines")
             parts.append(np.zeros((len(lines), DOM_FEATURES), dtype=np.float32) if structure is None
-                         else structure.astype(np.float32))
+                         else structure.features.astype(np.float32))
         layout = np.concatenate(parts, axis=1) if parts else np.zeros((len(lines), 0), dtype=np.float32)
         return EncodedChunk(tuple(tuple(w) for w in windows), tuple(spans), layout)
 

@@ -156,8 +156,8 @@ def tag_examples(
     soft: Optional[Mapping[str, Sequence[Optional[float]]]] = None,
 ) -> list[TagExample]:
     """:class:`TagExample` of ``sft_pairs`` rows whose document text is in ``texts``, with
-    the chunk's slice of its document's page-structure features (``structures``: doc id ->
-    ``(lines, DOM_FEATURES)``) and soft targets (``soft``: doc id -> one per line) where given."""
+    the chunk's slice of its document's page structure (``structures``: doc id ->
+    :class:`refinex.dom.PageStructure`) and soft targets (``soft``: doc id -> one per line) where given."""
     examples = []
     for row in rows:
         doc_id = str(row["doc_id"])
