@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Both heads of the refine model timed in one run: the tagging head and generation.
+"""Every tier of the refine model timed in one run: the fast tier, the tagging head, generation.
 
 On a Qwen2.5-0.5B-shaped model with random weights (``gpu_generate.QWEN25_05B``), at
 ``--doc-tokens`` tokens per document (default 1024):
@@ -9,6 +9,11 @@ On a Qwen2.5-0.5B-shaped model with random weights (``gpu_generate.QWEN25_05B``)
   (:mod:`refinex.model.tagging.model`), exactly the work ``TagBackend`` does per chunk;
 * generation: ``gpu_generate.run`` in ``teacher`` mode (constrained greedy decoding of
   ``--new-tokens``-token programs, as a trained model writes them) on the same shape.
+
+* the fast tier (:mod:`refinex.model.fast`, its default architecture, random weights):
+  ``FastBackend.probabilities`` on synthetic documents of ``--fast-lines`` lines with page
+  words, featurisation included, on the CPU (all cores) and on the GPU (the network there,
+  the hashing on the CPU): the number a CPU cluster and a GPU node would see.
 
 docs/s = documents / wall time after a warm-up call, per batch size.
 
@@ -98,6 +103,61 @@ def time_tagging(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def synthetic_documents(n: int, lines: int, seed: int) -> list[Any]:
+    """Requests of ``n`` documents of ``lines`` lines of random words, with page words."""
+    from refinex.dom import DOM_FEATURES, PageStructure
+    from refinex.model.backends import GenerationRequest
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(5000)]
+    names = ["nav", "menu", "footer", "content", "article", "sidebar", "post", "comment"]
+    out = []
+    for _ in range(n):
+        text = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 25))) for _ in range(lines)]
+        page = PageStructure(np.zeros((lines, DOM_FEATURES), dtype=np.float32),
+                             tuple((f"tag:{rng.choice(['p', 'li', 'div'])}", f"name:{rng.choice(names)}")
+                                   for _ in range(lines)))
+        out.append(GenerationRequest.for_lines(text).with_structure(page))
+    return out
+
+
+def time_fast(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from refinex.model.fast.backend import FastBackend
+    from refinex.model.fast.network import FastArchitecture, FastTagger
+    from refinex.model.fast.train import FastTrainConfig
+
+    torch.manual_seed(0)
+    config = FastTrainConfig.from_dict({k: v for k, v in _fast_defaults().items()})
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.tiny else [])
+    results = []
+    for device in devices:
+        network = FastTagger(config.architecture()).to(device).eval()
+        for batch in args.batch_sizes:
+            backend = FastBackend(network, 0.5, True)
+            backend.config = backend.config.__class__(batch_size=batch)
+            requests = synthetic_documents(batch, args.fast_lines, args.seed)
+            backend.probabilities(requests)  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                backend.probabilities(requests)
+                gpu_generate._sync(device)
+                times.append(time.perf_counter() - started)
+            best = min(times)
+            results.append({"head": f"fast ({device}, {torch.get_num_threads()} threads)", "batch": batch,
+                            "docs_per_s": batch / best, "s_per_batch": best, "lines_per_doc": args.fast_lines,
+                            "feature_share": backend.last_stats["feature_seconds"] / backend.last_stats["seconds"],
+                            "peak_gib": None})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def _fast_defaults() -> dict[str, Any]:
+    from refinex.model.bases import tag_defaults
+
+    return tag_defaults("fast")
+
+
 def time_generation(args: argparse.Namespace) -> list[dict[str, Any]]:
     argv = ["--modes", "teacher", "--prompt-tokens", str(args.doc_tokens), "--new-tokens", str(args.new_tokens),
             "--batch-sizes", ",".join(str(b) for b in args.batch_sizes), "--repeats", str(args.repeats),
@@ -134,6 +194,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-generation", dest="generation", action="store_false")
+    parser.add_argument("--fast-lines", type=int, default=200, help="lines per document of the fast tier's run")
     parser.add_argument("--json", default=None)
     parser.add_argument("--write-benchmarks", action="store_true")
     args = parser.parse_args(argv)
@@ -148,7 +209,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    rows = time_tagging(args)
+    rows = time_fast(args)
+    rows += time_tagging(args)
     if args.generation:
         rows += time_generation(args)
     table = markdown(rows)

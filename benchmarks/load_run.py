@@ -1,17 +1,22 @@
-"""Load: a generated corpus through ingest -> expert (trafilatura) -> distill -> apply -> stats.
+"""Load: a generated corpus through the data stages and the refine model's stages.
 
 The corpus is ``--docs`` pages drawn in turn from the dev pages (their real HTML, so real
 page sizes; each copy gets its own id and URL), written as ``--shards`` JSONL.gz files. One
-``refinex pipeline --skip-model`` runs over it (quality gates and evaluation off: this
-measures the five stages) while a sampler records, every half second, the resident memory
-of the driver (the ``refinex`` Python process), its JVM and the Python workers. Then:
+``refinex pipeline`` runs over it (quality gates and evaluation off: this measures the
+stages): ingest -> expert (trafilatura) -> distill -> apply -> stats, then, unless
+``--skip-model``, the fast tier's ``sft_pairs`` and ``train`` on a sample of the documents
+(``--train-sample``, with a small validation split) and ``refine`` -> ``apply`` -> ``stats``
+over all of them, while a sampler records, every half second, the resident memory of the
+driver (the ``refinex`` Python process), its JVM and the Python workers. Then:
 
 * docs/s per stage: the documents over the stage's wall time in ``stage_runs``;
 * peak memory per stage: the highest sample inside the stage's time window;
 * Spark's overhead: the same per-document work done by a plain Python loop, in this process,
   on the first ``--loop-docs`` documents (the stage's pure functions, as
-  ``stage_overhead.py`` times them), against the stage's wall time per document. The ratio
-  is given per wall second and per core second (the stage had every core, the loop one).
+  ``stage_overhead.py`` times them; for ``refine``, the trained model's backend on the
+  documents' text and page structure), against the stage's wall time per document. The
+  ratio is given per wall second and per core second (the stage had every core, the loop
+  one). ``sft_pairs`` and ``train`` have no loop: training is one process either way.
 
     python benchmarks/load_run.py --docs 100000 --workdir /tmp/load [--json out.json] [--write-benchmarks]
 """
@@ -34,14 +39,16 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from report import cpu_model, load_average, use_offline_environment, write_section  # noqa: E402
+from report import load_average, machine, use_offline_environment, write_section  # noqa: E402
 
 use_offline_environment()
 
 DEFAULT_PAGES = REPO.parent / "shared" / "data" / "webpages-dev.jsonl.gz"
-STAGES = ("ingest", "expert", "distill", "apply", "stats")
+DATA_STAGES = ("ingest", "expert", "distill", "apply", "stats")
+MODEL_STAGES = ("sft_pairs", "train", "refine", "apply_model", "stats_model")
 RUN_ID = "load"
-SECTION = "## Load: a generated corpus through the five data stages"
+MODEL_RUN_ID = f"{RUN_ID}+model"
+SECTION = "## Load: a generated corpus through the pipeline (data stages and the fast tier)"
 
 
 # --- the corpus ----------------------------------------------------------------------------
@@ -125,11 +132,17 @@ def peaks(samples: list[dict[str, float]], start: float, end: float) -> dict[str
 # --- the run -------------------------------------------------------------------------------------
 
 
-def run_pipeline(corpus: Path, workdir: Path, logs: Path) -> tuple[float, list[dict[str, float]], int]:
+def run_pipeline(corpus: Path, workdir: Path, logs: Path, model: bool, train_sample: float
+                 ) -> tuple[float, list[dict[str, float]], int]:
     env = dict(os.environ, SPARK_LOCAL_IP=os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"))
     command = [sys.executable, "-m", "refinex", "pipeline", "--input", str(corpus), "--workdir", str(workdir),
-               "--skip-model", "--run-id", RUN_ID, "--set", "quality.enabled=false",
+               "--run-id", RUN_ID, "--set", "quality.enabled=false",
                "--set", "evaluate.enabled=false", "--set", "expert.mlflow=false"]
+    if model:
+        command += ["--set", f"sft.train_sample={train_sample}", "--set", "sft.validation_fraction=0.01",
+                    "--set", "model.base=fast", "--set", "model.head=tag", "--set", "tag.progress=false"]
+    else:
+        command.append("--skip-model")
     logs.mkdir(parents=True, exist_ok=True)
     clock = time.monotonic()
     with (logs / "pipeline.out").open("wb") as out, (logs / "pipeline.err").open("wb") as err:
@@ -143,11 +156,14 @@ def run_pipeline(corpus: Path, workdir: Path, logs: Path) -> tuple[float, list[d
 
 
 def stage_rows(spark: Any, workdir: Path) -> dict[str, dict[str, Any]]:
-    rows = spark.read.format("delta").load(str(workdir / "delta" / "stage_runs")).where(f"run_id = '{RUN_ID}'")
+    """Each step's ``stage_runs`` row by step key (the model's apply/stats as ``*_model``)."""
+    rows = (spark.read.format("delta").load(str(workdir / "delta" / "stage_runs"))
+            .where(f"run_id in ('{RUN_ID}', '{MODEL_RUN_ID}')"))
     found = {}
     for row in rows.collect():
-        found[row["stage"]] = {"start": row["started_at"].timestamp(), "end": row["ended_at"].timestamp(),
-                               "stats": json.loads(row["stats"] or "{}"), "params": json.loads(row["params"] or "{}")}
+        key = row["stage"] + ("_model" if row["run_id"] == MODEL_RUN_ID and row["stage"] in ("apply", "stats") else "")
+        found[key] = {"start": row["started_at"].timestamp(), "end": row["ended_at"].timestamp(),
+                      "stats": json.loads(row["stats"] or "{}"), "params": json.loads(row["params"] or "{}")}
     return found
 
 
@@ -185,10 +201,37 @@ def plain_loop(spark: Any, workdir: Path, corpus: Path, stages: dict[str, dict[s
     apply, results = so.work_apply(docs, programs, stages["apply"]["params"])
     stats = so.work_stats(results, tmp, by_plot=False)
     per_doc = {"ingest": ingest_s / max(1, len(lines))}
-    for name, work in (("expert", expert), ("distill", distill), ("apply", apply), ("stats", stats)):
+    works = [("expert", expert), ("distill", distill), ("apply", apply), ("stats", stats)]
+    if "refine" in stages:
+        refine, model_programs = work_refine(docs, stages["refine"]["stats"]["checkpoint"])
+        model_apply, model_results = so.work_apply(docs, model_programs, stages["apply_model"]["params"])
+        works += [("refine", refine), ("apply_model", model_apply),
+                  ("stats_model", so.work_stats(model_results, tmp, by_plot=False))]
+    for name, work in works:
         per_doc[name] = work["work_s"] / max(1, work["items"])
     return {name: {"loop_s_per_doc": value, "loop_docs": len(docs) if name != "ingest" else len(lines)}
             for name, value in per_doc.items()}
+
+
+def work_refine(docs: Any, checkpoint: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The refine stage's per-document work in this process: chunking, page structure, the
+    model's backend and the merge of chunk programs (``refine_documents``), one thread."""
+    import torch
+
+    from refinex.model.backends import load_backend
+    from refinex.spark.refine import refine_documents
+    from refinex.spark.sft import chunk_budget, token_counter, tokenizer_files, tokenizer_id
+
+    torch.set_num_threads(1)
+    backend = load_backend("transformers", checkpoint)
+    files = tokenizer_files(Path(checkpoint))
+    count = token_counter(tokenizer_id(Path(checkpoint)), files)
+    pairs = list(zip(docs["doc_id"], docs["text"]))
+    pages = [h if isinstance(h, str) else None for h in docs["html"]]
+    clock = time.perf_counter()
+    rows = refine_documents(backend, count, pairs, chunk_budget(files, 1500), pages)
+    work = time.perf_counter() - clock
+    return {"work_s": work, "items": len(rows)}, {r["doc_id"]: r["program"] for r in rows}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -202,8 +245,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     print(f"generating {args.docs} documents from {args.pages} ...", flush=True)
     made = generate_corpus(Path(args.pages), args.docs, corpus, args.shards)
     print(f"corpus: {made}", flush=True)
-    print("running the pipeline (ingest -> expert -> distill -> apply -> stats) ...", flush=True)
-    wall, samples, code = run_pipeline(corpus, runs, workdir / "logs")
+    steps = DATA_STAGES + (() if args.skip_model else MODEL_STAGES)
+    print(f"running the pipeline ({' -> '.join(steps)}) ...", flush=True)
+    wall, samples, code = run_pipeline(corpus, runs, workdir / "logs", not args.skip_model, args.train_sample)
     if code != 0:
         tail = (workdir / "logs" / "pipeline.err").read_text(encoding="utf-8", errors="replace")[-3000:]
         raise SystemExit(f"load_run: the pipeline failed (exit {code}):\n{tail}")
@@ -212,7 +256,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     spark = get_spark(load_config("default"), str(tmp))
     try:
         stages = stage_rows(spark, runs)
-        missing = [s for s in STAGES if s not in stages]
+        missing = [s for s in steps if s not in stages]
         if missing:
             raise SystemExit(f"load_run: no stage_runs rows for {missing}")
         loop = plain_loop(spark, runs, corpus, stages, args.loop_docs, tmp)
@@ -222,22 +266,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         spark.stop()
     cores = os.cpu_count() or 1
     table = []
-    for name in STAGES:
+    for name in steps:
         row = stages[name]
         seconds = row["end"] - row["start"]
-        spark_per_doc = seconds / args.docs
-        loop_per_doc = loop[name]["loop_s_per_doc"]
+        docs = int(row["stats"].get("documents_with_pairs") or row["stats"].get("train_pairs") or args.docs) \
+            if name in ("sft_pairs", "train") else args.docs
+        spark_per_doc = seconds / max(1, docs)
+        loop_per_doc = (loop.get(name) or {}).get("loop_s_per_doc")
         table.append({
-            "stage": name, "wall_s": round(seconds, 1), "docs_per_s": round(args.docs / seconds, 1),
-            "spark_ms_per_doc": round(1000 * spark_per_doc, 3), "loop_ms_per_doc": round(1000 * loop_per_doc, 3),
+            "stage": name, "documents": docs, "wall_s": round(seconds, 1), "docs_per_s": round(docs / seconds, 1),
+            "spark_ms_per_doc": round(1000 * spark_per_doc, 3),
+            "loop_ms_per_doc": round(1000 * loop_per_doc, 3) if loop_per_doc else None,
             "ratio_wall": round(spark_per_doc / loop_per_doc, 2) if loop_per_doc else None,
             "ratio_core_s": round(cores * spark_per_doc / loop_per_doc, 2) if loop_per_doc else None,
             "peak_mib": peaks(samples, row["start"], row["end"]),
         })
-    total_spark = sum(r["wall_s"] for r in table)
-    total_loop = sum(loop[n]["loop_s_per_doc"] for n in STAGES) * args.docs
+    looped = [r for r in table if r["loop_ms_per_doc"] is not None]
+    total_spark = sum(r["wall_s"] for r in looped)
+    total_loop = sum(loop[r["stage"]]["loop_s_per_doc"] for r in looped) * args.docs
     return {
-        "date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": cores, "load_average": load_average(),
+        "date": time.strftime("%Y-%m-%d"), "cpu": machine(), "cores": cores, "load_average": load_average(),
+        "model": not args.skip_model, "train_sample": args.train_sample,
+        "refine": {k: stages["refine"]["stats"].get(k) for k in ("origin_version", "tier", "docs_per_s", "chunks",
+                                                                 "model_loads", "worker_processes")}
+        if "refine" in stages else None,
+        "train": {k: stages["train"]["stats"].get(k) for k in ("train_pairs", "train_seconds", "steps", "model_uri")}
+        if "train" in stages else None,
         "corpus": made, "pipeline_wall_s": round(wall, 1), "tables": counts, "loop_docs": args.loop_docs,
         "stages": table, "stages_wall_s": round(total_spark, 1),
         "loop_s_extrapolated": round(total_loop, 1),
@@ -255,17 +309,19 @@ def render(results: list[dict[str, Any]]) -> str:
     sizes = " and ".join(f"{r['corpus']['docs']:,}" for r in results)
     lines = [
         SECTION, "",
-        f"Machine: {first['cpu']}, {first['cores']} cores, shared with other sessions; {first['date']}.",
+        f"Machine: {first['cpu']}; {first['date']}.",
         f"Command: `python benchmarks/load_run.py --docs N --workdir <fresh dir> --json <file>` for N = {sizes}, "
         f"then `--render-json <files> --reading benchmarks/results/load-reading.md --write-benchmarks` (the results: "
         f"`benchmarks/results/load-<N>.json`).",
         "Corpus: N documents drawn in turn from the dev pages (real HTML: real page sizes; each copy has its own id "
-        "and URL) in 16 gzip files, through one `refinex pipeline --skip-model` (gates and evaluation off). Peak "
-        "memory is the resident size sampled every 0.5 s: the driver (the `refinex` Python process), its JVM (in "
-        "local mode also the only executor; heap 5.9 GiB = a quarter of the machine) and the Python workers together. "
-        "The plain loop is each stage's pure per-document work in one Python process on the first 1,000 documents "
-        "(`stage_overhead.py`'s functions); ratio = the stage's wall time per document over the loop's, and per core "
-        "second (the stage had both cores, the loop one).",
+        "and URL) in 16 gzip files, through one `refinex pipeline` (gates and evaluation off): the five data stages, "
+        "then the fast tier trained on a sample of the documents (`sft.train_sample`, validation split 1%) and "
+        "refine -> apply -> stats over all of them. Peak memory is the resident size sampled every 0.5 s: the driver "
+        "(the `refinex` Python process), its JVM (in local mode also the only executor; heap a quarter of the machine) "
+        "and the Python workers together. The plain loop is each stage's pure per-document work in one Python process "
+        "on the first 1,000 documents (`stage_overhead.py`'s functions; for refine the model's backend through "
+        "`refine_documents`); ratio = the stage's wall time per document over the loop's, and per core second (the "
+        "stage had both cores, the loop one).",
         "",
     ]
     for result in results:
@@ -274,19 +330,26 @@ def render(results: list[dict[str, Any]]) -> str:
             f"**{c['docs']:,} documents** ({c['html_mib']:,} MiB of HTML, {c['gzip_mib']:,} MiB gzipped; load "
             f"average {result['load_average']} at the end): pipeline {result['pipeline_wall_s']:,} s; tables "
             f"{', '.join(f'{k} {v:,}' for k, v in result['tables'].items())}; peak driver {peak['driver']:,} MiB, "
-            f"JVM {peak['jvm']:,} MiB, workers {peak['workers']:,} MiB (largest one {peak['worker_max']:,} MiB).",
+            f"JVM {peak['jvm']:,} MiB, workers {peak['workers']:,} MiB (largest one {peak['worker_max']:,} MiB)."
+            + (f" The model: {result['train']['model_uri']} trained on {result['train']['train_pairs']:,} documents "
+               f"(sample {result['train_sample']}) in {result['train']['train_seconds']} s; refine "
+               f"{result['refine']['origin_version']} ({result['refine']['tier']} tier), loaded "
+               f"{result['refine']['model_loads']}x in {result['refine']['worker_processes']} worker process(es)."
+               if result.get("train") else ""),
             "",
-            "| stage | wall s | docs/s | Spark ms/doc | loop ms/doc | ratio (wall) | ratio (core-s) | peak MiB driver / JVM / workers |",
-            "|---|---|---|---|---|---|---|---|",
+            "| stage | documents | wall s | docs/s | Spark ms/doc | loop ms/doc | ratio (wall) | ratio (core-s) "
+            "| peak MiB driver / JVM / workers |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["stages"]:
             p = r["peak_mib"]
-            lines.append(f"| {r['stage']} | {r['wall_s']:,} | {r['docs_per_s']:,} | {r['spark_ms_per_doc']} | "
-                         f"{r['loop_ms_per_doc']} | {r['ratio_wall']} | {r['ratio_core_s']} | "
-                         f"{p['driver']:,} / {p['jvm']:,} / {p['workers']:,} |")
-        lines += [f"| **five stages** | **{result['stages_wall_s']:,}** | "
-                  f"**{round(c['docs'] / result['stages_wall_s'], 1)}** | | | "
-                  f"**{result['ratio_wall']}** | **{result['ratio_core_s']}** | |", ""]
+            lines.append(f"| {r['stage']} | {r.get('documents', c['docs']):,} | {r['wall_s']:,} | {r['docs_per_s']:,} "
+                         f"| {r['spark_ms_per_doc']} | {r['loop_ms_per_doc'] if r['loop_ms_per_doc'] is not None else '-'} "
+                         f"| {r['ratio_wall'] if r['ratio_wall'] is not None else '-'} "
+                         f"| {r['ratio_core_s'] if r['ratio_core_s'] is not None else '-'} "
+                         f"| {p['driver']:,} / {p['jvm']:,} / {p['workers']:,} |")
+        lines += [f"| **stages with a loop** | | **{result['stages_wall_s']:,}** | "
+                  f"| | | **{result['ratio_wall']}** | **{result['ratio_core_s']}** | |", ""]
     return "\n".join(lines)
 
 
@@ -296,6 +359,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--loop-docs", type=int, default=1000, help="documents of the plain-loop comparison")
     ap.add_argument("--pages", default=str(DEFAULT_PAGES))
+    ap.add_argument("--skip-model", action="store_true", help="the five data stages only")
+    ap.add_argument("--train-sample", type=float, default=0.02,
+                    help="share of the training documents the fast tier trains on (sft.train_sample)")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--json", dest="json_out", default=None)
     ap.add_argument("--render-json", nargs="+", default=None, help="only render saved --json results")
@@ -315,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.write_benchmarks:
         write_section(REPO / "BENCHMARKS.md", text, SECTION)
     for result in results:
-        print(f"summary: {result['corpus']['docs']:,} docs, five stages {result['stages_wall_s']} s, "
+        print(f"summary: {result['corpus']['docs']:,} docs, stages with a loop {result['stages_wall_s']} s, "
               f"Spark/loop ratio {result['ratio_wall']} (wall), {result['ratio_core_s']} (core-s)")
     return 0
 

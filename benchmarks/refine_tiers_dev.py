@@ -60,7 +60,7 @@ def guard(paths: Sequence[Path]) -> dict[str, Any]:
     """The held-back-pages check of every corpus trained or tuned on (must find 0)."""
     done = subprocess.run([sys.executable, str(GUARD), *map(str, paths)], capture_output=True, text=True)
     return {"command": f"python ../shared/heldout-guard/check_pages.py {' '.join(p.name for p in paths)}",
-            "exit_code": done.returncode, "output": done.stdout.strip().splitlines()[-1:]}
+            "exit_code": done.returncode, "output": (done.stdout + done.stderr).strip().splitlines()[-1:]}
 
 
 def prepare(spark: Any, config: Config, workdir: str) -> dict[str, str]:
@@ -112,18 +112,46 @@ def evaluate(spark: Any, config: Config, workdir: str, origin: str, version: str
     return run_stage("evaluate", spark, config, workdir, origin=origin, origin_version=version, split="validation")
 
 
+def train_line_tagger(spark: Any, config: Config, workdir: str, version: str) -> dict[str, Any]:
+    """The line-tagger baseline fitted on the training documents' distilled programs and
+    saved as a ``linear``-tier checkpoint (the refine stage runs it like any model)."""
+    from pyspark.sql import functions as F
+
+    from refinex.model.sft import TRAIN, assign_split
+    from refinex.model.tagger import LineTagger, save_checkpoint
+    from refinex.spark.tables import read_table
+
+    programs = (read_table(spark, workdir, "programs")
+                .where((F.col("origin") == "distilled") & (F.col("origin_version") == version)
+                       & F.col("program").isNotNull()).select("doc_id", "program"))
+    rows = read_table(spark, workdir, "documents").select("doc_id", "text").join(programs, "doc_id").collect()
+    fraction = float(config.sft.validation_fraction)
+    train = [(r["text"], r["program"]) for r in sorted(rows, key=lambda r: r["doc_id"])
+             if assign_split(r["doc_id"], fraction) == TRAIN]
+    started = time.perf_counter()
+    tagger = LineTagger().fit(train)
+    seconds = time.perf_counter() - started
+    out = Path(workdir) / "models" / "line-tagger"
+    save_checkpoint(tagger, out)
+    return {"model_uri": str(out), "tier": "linear", "train_pairs": len(train), "train_seconds": round(seconds, 1),
+            "threshold": tagger.threshold, "threshold_source": "fixed", "reused": False}
+
+
 def run_variant(spark: Any, config: Config, workdir: str, name: str, overrides: Mapping[str, Any],
                 teachers: Mapping[str, str]) -> dict[str, Any]:
-    """sft_pairs -> train -> refine (validation) -> apply -> stats -> evaluate (validation)."""
+    """sft_pairs -> train -> refine (validation) -> apply -> stats -> evaluate (validation);
+    ``tier=linear`` fits the line tagger instead of the train stage."""
     from refinex.spark.registry import run_stage
 
     settings = dict(overrides)
     teacher = str(settings.pop("teacher", "trafilatura"))
+    linear = settings.pop("tier", None) == "linear"
     settings.pop("modes", None)
     cfg = config.with_overrides(settings)
     started = time.perf_counter()
-    sft = run_stage("sft_pairs", spark, cfg, workdir, origin_version=teachers[teacher])
-    train = run_stage("train", spark, cfg, workdir)
+    sft = {} if linear else run_stage("sft_pairs", spark, cfg, workdir, origin_version=teachers[teacher])
+    train = (train_line_tagger(spark, cfg, workdir, teachers[teacher]) if linear
+             else run_stage("train", spark, cfg, workdir))
     refine = run_stage("refine", spark, cfg, workdir, model=train["model_uri"], split="validation", force=True)
     version = refine["origin_version"]
     run_stage("apply", spark, cfg, workdir, origin="model", origin_version=version)
@@ -181,7 +209,7 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append(
             f"| {v['name']} ({t.get('tier')}, {r['origin_version']}) | {v['teacher']} | "
             + " | ".join(_score_cells(v["scores"]))
-            + f" | {rate} | {t.get('train_pairs') if t.get('tier') == 'fast' else v['sft'].get('train_documents')} "
+            + f" | {rate} | {t.get('train_pairs') if t.get('tier') in ('fast', 'linear') else v['sft'].get('train_documents')} "
             f"| {t.get('train_seconds', '-')} | {t.get('threshold', '-')} |")
     lines += ["", "Per WCXB page type (validation documents; snippet F1 / bag-of-words F1):", "",
               "| output | " + " | ".join(f"{p} (n)" for p in PAGE_TYPES) + " |",

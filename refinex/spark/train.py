@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -179,7 +180,8 @@ def _train_tag_head(
     wanted, pages = _labelled_pages(ctx, rows, sft_version, html=config.structure_features)
     texts = {doc_id: row["text"] or "" for doc_id, row in pages.items()}
     structures = _structures(pages) if config.structure_features else None
-    soft = _soft_targets(ctx, wanted, sft_version, texts) if config.labels == "soft" else None
+    soft = _label_votes(ctx, wanted, sft_version, texts, config.labels)
+    config = replace(config, labels="hard" if soft is None else "soft")
     examples = tag_examples([r.asDict() for r in rows], texts, structures, soft)
     if soft is not None:
         examples = [e for e in examples if e.soft is not None]
@@ -220,6 +222,21 @@ def _soft_targets(ctx: StageContext, wanted: Any, sft_version: str, texts: Mappi
     return out
 
 
+def _label_votes(ctx: StageContext, wanted: Any, sft_version: str, texts: Mapping[str, str], labels: str
+                 ) -> Optional[dict[str, tuple[Optional[float], ...]]]:
+    """The soft targets ``labels`` asks for: ``soft`` (they must exist), ``auto`` (where the
+    programs' expert left member votes, else hard labels: ``None``), ``hard`` (``None``)."""
+    if labels == "hard":
+        return None
+    try:
+        return _soft_targets(ctx, wanted, sft_version, texts)
+    except NoSoftLabelsError:
+        if labels == "soft":
+            raise
+        log.info("train: no consensus member votes for %s: hard labels (tag.labels=auto)", sft_version)
+        return None
+
+
 def _labelled_pages(ctx: StageContext, rows: Sequence[Any], sft_version: str, html: bool) -> tuple[Any, dict[str, Any]]:
     """``(wanted doc ids frame, doc id -> row of text, html and the sft version's program)``."""
     ids = sorted({r["doc_id"] for r in rows})
@@ -240,30 +257,32 @@ def _structures(pages: Mapping[str, Any]) -> dict[str, Any]:
             for doc_id, row in pages.items() if row["html"]}
 
 
-def _fast_documents(ctx: StageContext, rows: Sequence[Any], sft_version: str, labels: str, structure: bool) -> list[Any]:
+def _fast_documents(ctx: StageContext, rows: Sequence[Any], sft_version: str, labels: str, structure: bool
+                    ) -> tuple[list[Any], bool]:
     """The whole documents of the pairs (text, page HTML) with their line targets: the
     distilled programs' ``remove_lines`` (hard) or the weighted vote of the consensus
-    members behind them (soft, from ``expert_members``; documents nobody voted on are left out)."""
+    members behind them (soft, from ``expert_members``; documents nobody voted on are left out);
+    and whether the labels are soft."""
     from refinex.model.fast.train import FastDocument, document_targets
     from refinex.model.tagger import line_labels
 
     splits = {r["doc_id"]: r["split"] for r in rows}
     wanted, pages = _labelled_pages(ctx, rows, sft_version, html=structure)
-    soft = _soft_targets(ctx, wanted, sft_version, {i: r["text"] or "" for i, r in pages.items()}) \
-        if labels == "soft" else {}
+    votes = _label_votes(ctx, wanted, sft_version, {i: r["text"] or "" for i, r in pages.items()}, labels)
+    soft = votes or {}
     structures = _structures(pages) if structure else {}
     out = []
     for doc_id in sorted(pages):
         text = pages[doc_id]["text"] or ""
         lines = text.split("\n")
-        if labels == "soft":
+        if votes is not None:
             if doc_id not in soft:
                 continue
             targets = soft[doc_id]
         else:
             targets = document_targets(lines, removed=line_labels(text, pages[doc_id]["program"]))
         out.append(FastDocument(doc_id, tuple(lines), targets, structures.get(doc_id), splits[doc_id]))
-    return out
+    return out, votes is not None
 
 
 def _train_fast(
@@ -275,8 +294,8 @@ def _train_fast(
 
     config = FastTrainConfig.from_dict({**{k: v for k, v in settings.items() if k != "head"},
                                         "train_data_version": data_version})
-    docs = _fast_documents(ctx, rows, sft_version, config.labels, config.structure)
-    return train_fast(docs, checkpoint, out_dir, config, base=base_name)
+    docs, soft = _fast_documents(ctx, rows, sft_version, config.labels, config.structure)
+    return train_fast(docs, checkpoint, out_dir, replace(config, labels="soft" if soft else "hard"), base=base_name)
 
 
 def tag_settings(base_name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "pages-sample
 FAST_SETTINGS = {
     "model.base": "fast", "model.head": "tag", "tag.epochs": 4, "tag.cv_folds": 2, "tag.hidden_size": 32,
     "tag.embedding_size": 16, "tag.n_features": 4096, "tag.progress": False, "tag.labels": "soft",
-    "tag.cv_min_documents": 10, "tag.min_steps": 120, "tag.context": "conv", "tag.context_layers": 3,
+    "tag.cv_min_documents": 10, "tag.min_steps": 120,
     "sft.validation_fraction": 0.2, "expert.name": "consensus", "expert.mlflow": False,
 }
 
@@ -63,6 +63,11 @@ def test_train_registers_the_fast_tier(fast_trained: dict[str, Any]) -> None:
     assert train["tier"] == "fast" and train["head"] == "tag" and train["version"] == "1"
     assert train["threshold_source"] == "cross-validation" and 0 < train["threshold"] < 1
     assert train["train_pairs"] == sft["train_documents"]  # documents, not chunks
+    from refinex.model.train import read_model_info
+    from refinex.spark.refine import resolve_model
+
+    checkpoint = resolve_model(config, fast_trained["workdir"], train["model_uri"]).checkpoint
+    assert read_model_info(checkpoint)["fast"]["labels"] == "soft"
     uri = tracking_uri_for(config, fast_trained["workdir"])
     version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("refinex-refiner", "1")
     assert version.tags["tier"] == "fast" and version.tags["head"] == "tag"
@@ -126,5 +131,10 @@ def test_soft_labels_need_the_consensus_members(
         run_stage("sft_pairs", spark, config, workdir)
         with pytest.raises(NoSoftLabelsError, match="expert consensus"):
             run_stage("train", spark, config, workdir)
-        hard = run_stage("train", spark, config.with_overrides({"tag.labels": "hard", "tag.cv_folds": 0}), workdir)
-    assert hard["tier"] == "fast" and hard["threshold_source"] == "default"
+        auto = run_stage("train", spark, config.with_overrides({"tag.labels": "auto", "tag.cv_folds": 0}), workdir)
+    assert auto["tier"] == "fast" and auto["threshold_source"] == "default"
+    from refinex.spark.refine import resolve_model
+    from refinex.model.train import read_model_info
+
+    checkpoint = resolve_model(config, workdir, auto["model_uri"]).checkpoint
+    assert read_model_info(checkpoint)["fast"]["labels"] == "hard"  # auto: no member votes, hard labels

@@ -1,5 +1,7 @@
 """The fast tier as a refine backend: the same ``generate(requests)`` as every backend.
 
+(CPU by default; on a GPU task the network runs on the task's GPU, see ``from_pretrained``.)
+
 Each request is one chunk's raw lines (the fast tier's chunks are whole documents up to its
 counter's budget, see :func:`refinex.model.fast.base.counter_budget`) with, when the page
 HTML was known, their page-structure features (``GenerationRequest.structure``). Lines are
@@ -55,9 +57,9 @@ class FastBackend:
         dtype: Any = None,
         **_ignored: Any,
     ) -> "FastBackend":
-        """Load a fast-tier checkpoint. It runs on the CPU in fp32 (``device``/``dtype``, the
-        transformers backends' options, are accepted and ignored: a network this small gains
-        nothing from a GPU or bf16)."""
+        """Load a fast-tier checkpoint, in fp32 (``dtype`` is accepted and ignored: a network
+        this small gains nothing from bf16), on the CPU unless ``device`` names another (a
+        Spark task given a GPU passes its own); the hashing always runs on the CPU."""
         from refinex.model.fast.network import WEIGHTS_FILE, FastArchitecture, load_network
         from refinex.model.train import read_model_info
 
@@ -65,7 +67,8 @@ class FastBackend:
         if not is_fast_checkpoint(path):
             raise ValueError(f"{path} is not a fast-tier model (refinex_model.json has no encoder 'hashed')")
         fast = info["fast"]
-        network = load_network(os.path.join(str(path), WEIGHTS_FILE), FastArchitecture.from_dict(fast["architecture"]))
+        network = load_network(os.path.join(str(path), WEIGHTS_FILE), FastArchitecture.from_dict(fast["architecture"]),
+                               device or "cpu")
         chosen = float(fast["threshold"]) if threshold is None else float(threshold)
         return cls(network, chosen, bool(fast.get("structure", True)), config)
 

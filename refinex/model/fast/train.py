@@ -44,7 +44,7 @@ __all__ = ["LABELS", "FastDocument", "FastTrainConfig", "document_targets", "tra
 
 logger = logging.getLogger(__name__)
 
-LABELS = ("hard", "soft")
+LABELS = ("auto", "hard", "soft")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class FastTrainConfig:
     dropout: float = 0.1
     structure: bool = True  # page-structure features where the document has HTML
     structure_dropout: float = 0.2  # share of training documents read without them, per epoch
-    labels: str = "hard"  # hard: the distilled programs; soft: the consensus members' weighted vote
+    labels: str = "auto"  # hard: the distilled programs; soft: the consensus members' weighted vote; auto: soft where they exist
     epochs: int = 6
     min_steps: int = 0  # at least this many optimizer steps: more epochs over a small corpus
     lr: float = 2.0e-3

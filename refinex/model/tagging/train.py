@@ -61,7 +61,7 @@ class TagTrainConfig:
     dropout: float = 0.1
     layout_features: bool = True
     structure_features: bool = False  # the lines' page-structure features where the page HTML is known
-    labels: str = "hard"  # hard: the chunk programs' remove_lines; soft: the consensus members' weighted vote
+    labels: str = "hard"  # hard: the chunk programs' remove_lines; soft: the consensus members' weighted vote; auto: soft where they exist
     train_layers: int = 0
     epochs: int = 6
     lr: float = 1.0e-3
@@ -100,8 +100,8 @@ class TagTrainConfig:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.labels not in ("hard", "soft"):
-            raise ValueError(f"labels must be one of ('hard', 'soft'), got {self.labels!r}")
+        if self.labels not in ("auto", "hard", "soft"):
+            raise ValueError(f"labels must be one of ('auto', 'hard', 'soft'), got {self.labels!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         from refinex.model.precision import PRECISIONS
