@@ -156,6 +156,12 @@ def run_variant(spark: Any, config: Config, workdir: str, name: str, overrides: 
     version = refine["origin_version"]
     run_stage("apply", spark, cfg, workdir, origin="model", origin_version=version)
     run_stage("stats", spark, cfg, workdir, origin="model", origin_version=version)
+    from refinex.errors import StageFailed
+
+    try:
+        gates = run_stage("validate", spark, cfg, workdir, origin="model", origin_version=version, split="validation")
+    except StageFailed as failed:
+        gates = dict(failed.stats or {}, passed=False)
     scores = scores_of(evaluate(spark, cfg, workdir, "model", version))
     keep = ("model_uri", "tier", "train_pairs", "validation_pairs", "steps", "train_seconds", "threshold",
             "threshold_source", "cv_kept_char_f1", "validation_kept_char_f1", "reused")
@@ -167,7 +173,24 @@ def run_variant(spark: Any, config: Config, workdir: str, name: str, overrides: 
         "refine": {k: refine.get(k) for k in ("origin_version", "processed", "chunks", "generate_seconds",
                                               "docs_per_s", "invalid_chunks", "partitions", "worker_processes")},
         "scores": scores,
+        "gates": {"passed": gates.get("passed"), "failed": gates.get("failed_expectations")},
     }
+
+
+def promote_in_order(spark: Any, config: Config, workdir: str, variants: Sequence[Mapping[str, Any]],
+                     names: Sequence[str]) -> list[dict[str, Any]]:
+    """``promote`` of each named variant's registered version, in order, by the gates."""
+    from refinex.spark.registry import run_stage
+
+    decisions = []
+    by_name = {v["name"]: v for v in variants}
+    for name in names:
+        version = str(by_name[name]["train"]["model_uri"]).rsplit("/", 1)[-1]
+        stats = run_stage("promote", spark, config, workdir, version=int(version))
+        decisions.append({"name": name, "version": version, "decision": stats["decision"], "reason": stats["reason"],
+                          "gates": [(g["name"], g["passed"], g["detail"]) for g in stats["gates"]]})
+        print(json.dumps(decisions[-1], default=str), flush=True)
+    return decisions
 
 
 def _f(value: Optional[float]) -> str:
@@ -234,6 +257,14 @@ def render(report: Mapping[str, Any]) -> str:
             f"| {t.get('steps', '-')} | {t.get('threshold', '-')} ({t.get('threshold_source', '-')}; "
             f"{_f(t.get('cv_kept_char_f1'))}) | {_f(s.get('invalid_share'))} | {s.get('new_words')} "
             f"| {r.get('chunks')}, {r.get('partitions')}, {r.get('generate_seconds')} |")
+    if report.get("promotions"):
+        lines += ["", "Promotion on the validation documents (`refinex promote --version N`, the existing gates, "
+                  "in this order):", ""]
+        for d in report["promotions"]:
+            failed = [g for g in d["gates"] if not g[1]]
+            lines.append(f"- {d['name']} (version {d['version']}): **{d['decision']}**: {d['reason']}"
+                         + (f" (failed: {'; '.join(g[2] for g in failed)})" if failed else "")
+                         + f"; beats_champion: {next((g[2] for g in d['gates'] if g[0] == 'beats_champion'), '-')}")
     if report.get("plot"):
         lines += ["", f"![learning curve]({report['plot']})"]
     lines += ["", report.get("reading", ""), ""]
@@ -281,6 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--variant", action="append", type=parse_variant, default=[])
     parser.add_argument("--curve", action="append", default=[], help="variant names of the learning curve")
+    parser.add_argument("--promote", action="append", default=[],
+                        help="promote these variants' registered versions in this order (by the gates)")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "learning_curve.png")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge-json", type=Path, action="append", default=[],
@@ -315,6 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = run_variant(spark, config, workdir, name, overrides, teachers)
             print(json.dumps(result, default=str), flush=True)
             variants.append(result)
+        decisions = promote_in_order(spark, config, workdir, variants, args.promote) if args.promote else []
         from refinex.model.sft import VALIDATION, assign_split
         from refinex.spark.tables import read_table
 
@@ -331,6 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "dev_bow": sum(r["source"] == DEV_BOW for r in held),
                            "wcxb": sum(r["source"] == WCXB for r in held)},
             "guard": checked, "teachers": teachers, "baselines": baselines, "variants": variants,
+            "promotions": decisions,
         }
     for earlier in args.merge_json:
         old = json.loads(earlier.read_text(encoding="utf-8"))

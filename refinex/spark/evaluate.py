@@ -61,7 +61,6 @@ UNKNOWN_SOURCE = "unknown"
 RATIO_BINS = 20
 TAG_PREFIX = "refinex.eval."
 GOLD_FROM_DOCUMENTS = "documents"
-SPLITS = ("train", "validation")
 
 _PASSED_THROUGH = (
     StructField("deletion_ratio", DoubleType()),
@@ -170,7 +169,7 @@ def document_frame(
     program, the expert's program and gold."""
     documents = ctx.read(DOCUMENTS)
     if split is not None:
-        from refinex.spark.sft import split_filter
+        from refinex.spark.sft import SPLITS, split_filter
 
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -462,13 +461,23 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def describe(stats: Mapping[str, Any]) -> str:
-    """The log line: headline scores next to their raw-text baselines."""
-    return (f"{stats['origin']} {stats['version_label']}: {stats['documents']} documents, "
+    """The log line: headline scores next to their raw-text baselines, then one line per
+    source and page type."""
+    split = f" ({stats['split']} split)" if stats.get("split") else ""
+    head = (f"{stats['origin']} {stats['version_label']}: {stats['documents']} documents{split}, "
             f"{stats['gold_pages']} with gold; snippet F1 {_fmt(stats['snippet_f1'])} "
             f"(raw {_fmt(stats['raw_snippet_f1'])}), recall {_fmt(stats['snippet_recall'])} "
             f"(raw {_fmt(stats['raw_snippet_recall'])}); bag-of-words F1 {_fmt(stats['bow_f1'])} "
             f"(raw {_fmt(stats['raw_bow_f1'])}); deletion F1 vs expert {_fmt(stats['deletion_f1'])}; "
             f"new words {stats['new_words']}, invalid {_fmt(stats['invalid_share'])}")
+    lines = [head]
+    for scope, values in (stats.get("by_source") or {}).items():
+        if not values.get("gold_pages"):
+            continue
+        lines.append(f"  {scope}: {values.get('documents')} documents; snippet F1 {_fmt(values.get('snippet_f1'))} "
+                     f"(raw {_fmt(values.get('raw_snippet_f1'))}); bag-of-words F1 {_fmt(values.get('bow_f1'))} "
+                     f"(raw {_fmt(values.get('raw_bow_f1'))})")
+    return "\n".join(lines)
 
 
 EVALUATE = Stage(

@@ -48,7 +48,7 @@ from refinex.config import Config
 from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, MODEL_OUTPUTS, ORIGIN_MODEL, PROGRAMS, STAGE_RUNS
 from refinex.locations import is_local, local_path
-from refinex.spark.sft import split_filter
+from refinex.spark.sft import SPLITS, split_filter
 from refinex.spark.train import models_dir, tracking_uri_for
 from refinex.model.train import read_model_info
 
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "refine"
 UNCONSTRAINED_SUFFIX = "+unconstrained"
-SPLITS = ("train", "validation")
 
 REFINED_SCHEMA = StructType([
     StructField("doc_id", StringType(), False),

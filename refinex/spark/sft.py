@@ -148,6 +148,9 @@ def resolve_sft_version(spark: SparkSession, config: Config, tables: "TableResol
     return chosen or default_origin_version(spark, config, tables, ORIGIN_DISTILLED)
 
 
+SPLITS = ("train", "validation")
+
+
 def split_filter(fraction: float) -> Any:
     """A UDF: the SFT split (``refinex.model.sft.assign_split``) of a doc id."""
     from pyspark.sql.types import StringType

@@ -49,7 +49,7 @@ from refinex.quality.checks import (
 )
 from refinex.spark.apply import ORIGIN_PARAMS
 from refinex.spark.origins import resolve_origin
-from refinex.spark.stage import Stage, StageContext, flat_metrics
+from refinex.spark.stage import Param, Stage, StageContext, flat_metrics
 from refinex.spark.tables import (
     DOCUMENTS,
     EDIT_STATS,
@@ -242,11 +242,16 @@ def _log_artifacts(ctx: StageContext, folder: Path, params: dict[str, Any], stat
 
 def _frames(
     ctx: StageContext, documents: DataFrame, origin: str, origin_version: str, extreme_deletion_ratio: float,
+    split: Optional[str] = None,
 ) -> tuple[dict[str, DataFrame], set[str], list[str]]:
-    """The frames to validate, the tables with rows for the version, and notes on those without."""
+    """The frames to validate, the tables with rows for the version, and notes on those without
+    (with a ``split``, only the rows of its documents)."""
     label = version_label(origin_version)
     of_version = {table: _of_version(ctx.read(table), origin, origin_version)
                   for table in (REFINED_DOCUMENTS, EDIT_STATS, PROGRAMS) if ctx.exists(table)}
+    if split is not None:
+        ids = documents.select("doc_id")
+        of_version = {table: frame.join(ids, "doc_id", "left_semi") for table, frame in of_version.items()}
     present = _tables_with_rows(of_version)
     notes: list[str] = []
     refined = of_version.get(REFINED_DOCUMENTS)
@@ -295,19 +300,28 @@ def _statistics(
 
 
 def validate_outputs(
-    ctx: StageContext, origin: Optional[str] = None, origin_version: Optional[str] = None
+    ctx: StageContext, origin: Optional[str] = None, origin_version: Optional[str] = None,
+    split: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Run the quality gates of one program origin (default: the latest ``apply`` run's)."""
+    """Run the quality gates of one program origin (default: the latest ``apply`` run's);
+    ``split`` checks only the documents of that SFT split (a model refined with
+    ``refine --split``: one row per document of the split)."""
     from refinex.quality.gx_gates import run_gates  # GX loads in seconds: only when validating
 
     config, quality = ctx.config, ctx.config.quality
     origin, origin_version = resolve_origin(ctx.spark, config, ctx.tables, origin, origin_version,
                                             prefer_latest_apply=True)
     label = version_label(origin_version)
-    ctx.record(origin=origin, origin_version=origin_version)
+    ctx.record(origin=origin, origin_version=origin_version, split=split)
     documents = ctx.read(DOCUMENTS).select("doc_id", "text")
+    if split is not None:
+        from refinex.spark.sft import SPLITS, split_filter
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        documents = documents.where(split_filter(float(config.sft.validation_fraction))(F.col("doc_id")) == split)
     n_documents = documents.count()
-    frames, present, notes = _frames(ctx, documents, origin, origin_version, quality.extreme_deletion_ratio)
+    frames, present, notes = _frames(ctx, documents, origin, origin_version, quality.extreme_deletion_ratio, split)
     gates = gate_catalogue(quality, origin, n_documents)
     if REFINED_DOCUMENTS not in present:  # an empty table has no shares
         gates = tuple(g for g in gates if not (g.table == REFINED_DOCUMENTS and g.kind == SHARE_AT_MOST))
@@ -383,6 +397,6 @@ VALIDATE = Stage(
     reads=(DOCUMENTS, PROGRAMS, REFINED_DOCUMENTS, EDIT_STATS, EXPERT_REFINEMENTS),
     writes=(GATE_FAILURES,),
     transform=validate_outputs,
-    params=ORIGIN_PARAMS,
+    params=(*ORIGIN_PARAMS, Param("split", "Only the documents of this SFT split: train or validation.")),
     describe=_describe,
 )

@@ -299,3 +299,41 @@ def test_without_gold_then_with_a_gold_file(
     with pytest.raises(FileNotFoundError):
         execute(EVALUATE, context(spark, config, workdir), origin="distilled", origin_version=EXPERT,
                 gold=str(tmp_path / "absent.jsonl"))
+
+
+def test_both_gold_families_page_types_and_a_split(
+    spark: SparkSession, spark_config: Config, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A page with snippet and main-content gold counts in both families; WCXB-like page types
+    get scopes of their own; ``--split`` scores and validates one SFT split only."""
+    from refinex.model.sft import VALIDATION, assign_split
+
+    config = spark_config.with_overrides({"sft.validation_fraction": 0.5})
+    ids = [f"w{i}" for i in range(40)]
+    held = next(i for i in ids if assign_split(i, 0.5) == VALIDATION)
+    seen = next(i for i in ids if assign_split(i, 0.5) != VALIDATION)
+    lines = ["Menu Login Register", LONG, "Share this page"]
+    gold = {"with": ["long enough to stay"], "without": ["Share this page"], "article_body": LONG}
+    docs = [(doc_id, "wcxb", None, "\n".join(lines), None, json.dumps({"gold": gold, "page_type": kind}), 0,
+             "file:/in.jsonl", n, 10, 3, NOW) for n, (doc_id, kind) in enumerate(((held, "forum"), (seen, "listing")))]
+    workdir = str(tmp_path_factory.mktemp("evaluate-split") / "work")
+    merge_into(spark, workdir, "documents", spark.createDataFrame(docs, TABLES["documents"].schema))
+    programs = [(doc_id, "model", MODEL, "remove_lines(0, 0)\nremove_lines(2, 2)", *([None] * 9), NOW)
+                for doc_id in (held, seen)]
+    merge_into(spark, workdir, "programs", spark.createDataFrame(programs, TABLES["programs"].schema))
+    run_stage("apply", spark, config, workdir, origin="model", origin_version=MODEL)
+    run_stage("stats", spark, config, workdir, origin="model", origin_version=MODEL)
+
+    every = run_stage("evaluate", spark, config, workdir, origin="model", origin_version=MODEL)
+    assert set(every["by_source"]) == {"wcxb", "wcxb/forum", "wcxb/listing"}
+    assert (every["documents"], every["gold_pages"]) == (2, 2)
+    assert every["snippet_f1"] == 1.0 and every["bow_f1"] == 1.0  # both families scored on each page
+    assert every["by_source"]["wcxb/forum"]["documents"] == 1 and every["by_source"]["wcxb/forum"]["bow_pages"] == 1
+    assert "wcxb/listing: 1 documents" in EVALUATE.describe(every)
+
+    only = run_stage("evaluate", spark, config, workdir, origin="model", origin_version=MODEL, split="validation")
+    assert only["documents"] == 1 and set(only["by_source"]) == {"wcxb", "wcxb/forum"} and only["split"] == VALIDATION
+    gates = run_stage("validate", spark, config, workdir, origin="model", origin_version=MODEL, split="validation")
+    assert gates["passed"] and gates["documents"] == 1
+    with pytest.raises(ValueError, match="split must be one of"):
+        run_stage("evaluate", spark, config, workdir, origin="model", origin_version=MODEL, split="test")
