@@ -257,6 +257,7 @@ def render(report: Mapping[str, Any]) -> str:
             f"| {t.get('steps', '-')} | {t.get('threshold', '-')} ({t.get('threshold_source', '-')}; "
             f"{_f(t.get('cv_kept_char_f1'))}) | {_f(s.get('invalid_share'))} | {s.get('new_words')} "
             f"| {r.get('chunks')}, {r.get('partitions')}, {r.get('generate_seconds')} |")
+    lines += render_pareto(report)
     if report.get("promotions"):
         lines += ["", "Promotion on the validation documents (`refinex promote --version N`, the existing gates, "
                   "in this order):", ""]
@@ -306,6 +307,75 @@ def plot_curve(report: Mapping[str, Any], names: Sequence[str], path: Path) -> O
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def pareto_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every variant's quality against its refine-stage speed per core, fastest first."""
+    cores = int(report.get("cores") or os.cpu_count() or 1)
+    rows = []
+    for v in report["variants"]:
+        rate = v["refine"].get("docs_per_s")
+        if rate is None:
+            continue
+        s = v["scores"]
+        rows.append({"name": v["name"], "tier": v["train"].get("tier"), "docs_per_s": rate,
+                     "docs_per_s_per_core": rate / cores, "dev_snippet_f1": s["dev_snippet"]["snippet_f1"],
+                     "dev_bow_f1": s["dev_bow"]["bow_f1"], "wcxb_snippet_f1": s["wcxb"]["snippet_f1"],
+                     "wcxb_bow_f1": s["wcxb"]["bow_f1"]})
+    return sorted(rows, key=lambda r: -r["docs_per_s"])
+
+
+def render_pareto(report: Mapping[str, Any]) -> list[str]:
+    """The Pareto table (and its plot) of a report."""
+    rows = pareto_rows(report)
+    if not rows:
+        return []
+    lines = ["", f"Quality against speed ({report.get('cores') or os.cpu_count()} cores; refine-stage documents/s on "
+             "the validation documents, the stage's own clock: model loads included):", "",
+             "| variant | tier | refine docs/s | docs/s per core | dev snippet F1 | dev bow F1 | WCXB snippet F1 "
+             "| WCXB bow F1 | on the Pareto front |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        dominated = any(o["docs_per_s"] >= row["docs_per_s"] and (o["dev_snippet_f1"] or 0) >= (row["dev_snippet_f1"] or 0)
+                        and (o["dev_bow_f1"] or 0) >= (row["dev_bow_f1"] or 0) and o is not row
+                        and (o["docs_per_s"], o["dev_snippet_f1"], o["dev_bow_f1"])
+                        != (row["docs_per_s"], row["dev_snippet_f1"], row["dev_bow_f1"]) for o in rows)
+        lines.append(f"| {row['name']} | {row['tier']} | {row['docs_per_s']:.2f} | {row['docs_per_s_per_core']:.2f} "
+                     f"| {_f(row['dev_snippet_f1'])} | {_f(row['dev_bow_f1'])} | {_f(row['wcxb_snippet_f1'])} "
+                     f"| {_f(row['wcxb_bow_f1'])} | {'no' if dominated else 'yes'} |")
+    if report.get("pareto_plot"):
+        lines += ["", f"![quality against speed]({report['pareto_plot']})"]
+    return lines
+
+
+def plot_pareto(report: Mapping[str, Any], path: Path) -> Optional[str]:
+    """Dev snippet and bag-of-words F1 against refine-stage docs/s per core (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    rows = pareto_rows(report)
+    if not rows:
+        return None
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, marker, label in (("dev_snippet_f1", "o", "dev snippet F1"), ("dev_bow_f1", "s", "dev bag-of-words F1")):
+        ax.scatter([r["docs_per_s_per_core"] for r in rows], [r[key] for r in rows], marker=marker, label=label)
+        for r in rows:
+            ax.annotate(r["name"], (r["docs_per_s_per_core"], r[key]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    oracle = report["baselines"]["trafilatura"]
+    ax.axhline(oracle["dev_snippet"]["snippet_f1"], linestyle=":", color="grey", label="oracle snippet F1 (trafilatura)")
+    ax.axhline(oracle["dev_bow"]["bow_f1"], linestyle="--", color="grey", label="oracle bow F1 (trafilatura)")
+    ax.set_xscale("log")
+    ax.set_xlabel("refine-stage documents/s per core (log)")
+    ax.set_ylabel("F1 on the 170 dev validation documents")
+    ax.set_title("refine model tiers: quality against speed", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path))
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/refinex_tiers_dev")
@@ -315,6 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--promote", action="append", default=[],
                         help="promote these variants' registered versions in this order (by the gates)")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "learning_curve.png")
+    parser.add_argument("--pareto-plot", type=Path, default=REPO / "benchmarks" / "results" / "tiers_pareto.png")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge-json", type=Path, action="append", default=[],
                         help="earlier reports whose variants are kept (this run's win on a name clash)")
@@ -356,7 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         held = [r for r in docs if assign_split(r["doc_id"], args.validation_fraction) == VALIDATION]
         spark.stop()
         report = {
-            "machine": machine(), "python": platform.python_version(), "torch": torch.__version__,
+            "machine": machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__,
             "command": " ".join(["python benchmarks/refine_tiers_dev.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": time.strftime("%Y-%m-%d"), "wall_s": time.perf_counter() - started, "load": load_average(),
             "documents": len(docs), "validation_fraction": args.validation_fraction,
@@ -373,6 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report["variants"] = [v for v in old["variants"] if v["name"] not in names] + report["variants"]
     if args.curve:
         report["plot"] = plot_curve(report, args.curve, args.plot)
+    report["pareto_plot"] = plot_pareto(report, args.pareto_plot)
     if reading:
         report["reading"] = reading
     section = render(report)

@@ -76,6 +76,7 @@ class SparkConfig:
     delta: str = DELTA_LOCAL
     jar_resolver: str = "auto"
     quick_jit: bool = True  # local sessions: the JVM's quick (C1) compiler only
+    remote: Optional[str] = None  # a Spark Connect URL (sc://host:port); else $SPARK_REMOTE; else none
     conf: dict[str, str] = field(default_factory=dict)
 
     @property

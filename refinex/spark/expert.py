@@ -137,10 +137,19 @@ def _staging_path(workdir: str, run_id: str) -> str:
 
 
 def _drop_staging(spark: Any, path: str) -> None:
-    """Remove the staged rows: on the driver's file system (local, FUSE), else through Hadoop."""
+    """Remove the staged rows: on the driver's file system (local, FUSE: ``/Volumes`` on
+    Databricks), else through the JVM's Hadoop file system; a Spark Connect session has no
+    JVM here, so staged rows on an object store are left (a warning names them: nothing reads
+    them again; a lifecycle rule on ``<workdir>/staging/`` removes them)."""
+    from refinex.spark.session import is_connect
+
     local = driver_path(path)
     if local is not None:
         shutil.rmtree(local, ignore_errors=True)
+        return
+    if is_connect(spark):
+        log.warning("expert: staged rows left in %s (a Spark Connect session cannot delete files on the "
+                    "workdir's object store; nothing reads them again)", path)
         return
     try:
         jvm = spark.sparkContext._jvm

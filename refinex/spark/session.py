@@ -1,12 +1,17 @@
-"""The Spark session factory: local sessions with Delta, or the cluster's own session.
+"""The Spark session factory: local sessions with Delta, the cluster's own, or Spark Connect.
 
 ``get_spark(config, workdir)`` builds a local session (``spark.delta: local``) with Delta's
 SQL extension and catalog, Delta's jars from ``refinex.spark.jars``, Arrow for the pandas
 UDFs and everything Spark writes by itself (warehouse, Derby, scratch space) under
 ``<workdir>/spark/``. With ``spark.delta: cluster`` (Databricks, Dataproc) it returns the
 active session, or the builder's, and only sets runtime SQL options on it: no jar logic.
-A session already active in the process is reused as it is in both cases (static options
-such as the warehouse folder stay those it was built with).
+With a Spark Connect URL (``spark.remote``, else ``$SPARK_REMOTE``: Databricks serverless
+and standard access mode, a local Connect server) it connects to that server instead; the
+server brings Delta. A session already active in the process is reused as it is in every
+case (static options such as the warehouse folder stay those it was built with).
+
+Stages use only what both kinds of session have: the DataFrame and SQL APIs, Delta through
+SQL; :func:`is_connect` tells the few places (logging, file clean-up) that differ.
 """
 from __future__ import annotations
 
@@ -45,11 +50,41 @@ def runtime_conf(config: Config) -> dict[str, str]:
     return conf
 
 
+def remote_url(config: Config) -> Optional[str]:
+    """The Spark Connect URL: ``spark.remote``, else ``$SPARK_REMOTE``, else none."""
+    return config.spark.remote or os.environ.get("SPARK_REMOTE") or None
+
+
+def is_connect(spark: object) -> bool:
+    """Whether ``spark`` is a Spark Connect session (no ``sparkContext``, no JVM handle)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def session_id(spark: object) -> str:
+    """A key of this session: the application id (classic) or the Connect session id."""
+    if is_connect(spark):
+        return f"connect:{getattr(spark, 'session_id')}"
+    return str(spark.sparkContext.applicationId)  # type: ignore[attr-defined]
+
+
 def get_spark(config: Config, workdir: Optional[str] = None) -> SparkSession:
     """The session for this configuration (see the module docstring)."""
+    remote = remote_url(config)
+    if remote:
+        return _connect_session(config, remote)
     if config.spark.delta == DELTA_CLUSTER:
         return _cluster_session(config)
     return _local_session(config, workdir)
+
+
+def _connect_session(config: Config, remote: str) -> SparkSession:
+    """A Spark Connect session to ``remote`` with refinex's runtime options."""
+    active = SparkSession.getActiveSession()
+    spark = active if active is not None and is_connect(active) else (
+        SparkSession.builder.remote(remote).appName(config.spark.app_name).getOrCreate())
+    sql_options = {k: v for k, v in config.spark.conf.items() if k.startswith("spark.sql.")}
+    _set_runtime(spark, {**runtime_conf(config), **sql_options})
+    return spark
 
 
 def _cluster_session(config: Config) -> SparkSession:
@@ -139,5 +174,5 @@ def _local_session(config: Config, workdir: Optional[str]) -> SparkSession:
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(sc.log_level)
+    spark.sparkContext.setLogLevel(sc.log_level)  # a local session is always classic
     return spark

@@ -361,32 +361,35 @@ existence is checked once per session instead of replaying the Delta log on ever
 
 
 def _session_key(spark: SparkSession, where: str) -> tuple[str, str]:
-    return (spark.sparkContext.applicationId, where)
+    from refinex.spark.session import session_id
+
+    return (session_id(spark), where)
 
 
-def _delta_table(spark: SparkSession, resolver: TableResolver, table: str) -> Any:
-    from delta.tables import DeltaTable
+def sql_target(resolver: TableResolver, table: str) -> str:
+    """The table in SQL: its catalog name, or ``delta.`<location>``` for a path table.
 
+    Every Delta operation here is SQL (``CREATE TABLE``, ``MERGE INTO``, ``DESCRIBE
+    HISTORY``) or the DataFrame API, never Delta's Python ``DeltaTable`` (a JVM handle), so
+    the same code runs on a classic session and through Spark Connect."""
     location = resolver.location(table)
-    if location is None:
-        return DeltaTable.forName(spark, resolver.name(table))
-    return DeltaTable.forPath(spark, location)
+    return resolver.name(table) if location is None else f"delta.`{location.replace('`', '``')}`"
+
+
+def _history(spark: SparkSession, resolver: TableResolver, table: str, limit: Optional[int] = None) -> DataFrame:
+    """``DESCRIBE HISTORY`` of the table, newest commit first (``limit`` commits)."""
+    return spark.sql(f"DESCRIBE HISTORY {sql_target(resolver, table)}" + (f" LIMIT {int(limit)}" if limit else ""))
 
 
 def table_exists(spark: SparkSession, tables: "TableResolver | str", table: str) -> bool:
     """Whether the Delta table has been created."""
-    from delta.tables import DeltaTable
-
     resolver = as_resolver(tables)
     location = resolver.location(table)
     key = _session_key(spark, location or resolver.name(table))
     if key in _EXISTING:
         _register(spark, resolver, table)
         return True
-    if location is None:
-        exists = bool(spark.catalog.tableExists(resolver.display_name(table)))
-    else:
-        exists = bool(DeltaTable.isDeltaTable(spark, location))
+    exists = _exists_now(spark, resolver, table)
     if exists:
         _EXISTING.add(key)
         _register(spark, resolver, table)
@@ -436,8 +439,6 @@ def ensure_table(spark: SparkSession, tables: "TableResolver | str", table: str)
     the creator may take :func:`merge_into`'s fast first write. Losing a creation race (another
     process created it first: "already exists" or Delta's ProtocolChangedException) is fine.
     """
-    from delta.tables import DeltaTable
-
     resolver = as_resolver(tables)
     if table_exists(spark, resolver, table):
         return
@@ -446,19 +447,12 @@ def ensure_table(spark: SparkSession, tables: "TableResolver | str", table: str)
     key = _session_key(spark, location or resolver.name(table))
     try:
         if location is None:
-            # SQL, not DeltaTable's builder: it takes catalog.schema.table names everywhere.
             spark.sql(f"CREATE SCHEMA IF NOT EXISTS `{resolver.catalog}`.`{resolver.schema}`")
-            columns = ", ".join(
-                f"`{f.name}` {f.dataType.simpleString()}{'' if f.nullable else ' NOT NULL'}"
-                for f in spec.schema.fields
-            )
-            partitioned = f" PARTITIONED BY ({', '.join(spec.partition_by)})" if spec.partition_by else ""
-            spark.sql(f"CREATE TABLE {resolver.name(table)} ({columns}) USING DELTA{partitioned}")
-        else:
-            builder = DeltaTable.create(spark).location(location).addColumns(spec.schema)
-            if spec.partition_by:
-                builder = builder.partitionedBy(*spec.partition_by)
-            builder.execute()
+        columns = ", ".join(
+            f"`{f.name}` {f.dataType.simpleString()}{'' if f.nullable else ' NOT NULL'}" for f in spec.schema.fields
+        )
+        partitioned = f" PARTITIONED BY ({', '.join(spec.partition_by)})" if spec.partition_by else ""
+        spark.sql(f"CREATE TABLE {sql_target(resolver, table)} ({columns}) USING DELTA{partitioned}")
     except Exception as exc:
         if not _created_by_another(spark, resolver, table, wait=_lost_creation_race(exc)):
             raise
@@ -498,7 +492,7 @@ def _created_by_another(spark: SparkSession, resolver: TableResolver, table: str
 
 def _exists_now(spark: SparkSession, resolver: TableResolver, table: str) -> bool:
     """Whether the table exists, asking the catalog or the Delta log again: after a lost
-    creation race this process's cached log still says "no table" (``isDeltaTable``)."""
+    creation race this process's cached log still says "no table")."""
     location = resolver.location(table)
     if location is None:
         return bool(spark.catalog.tableExists(resolver.display_name(table)))
@@ -535,7 +529,7 @@ def table_version(spark: SparkSession, tables: "TableResolver | str", table: str
     """The table's current Delta version (created empty if never written)."""
     resolver = as_resolver(tables)
     ensure_table(spark, resolver, table)
-    row = _delta_table(spark, resolver, table).history(1).select("version").first()
+    row = _history(spark, resolver, table, 1).select("version").first()
     return int(row[0]) if row is not None else 0
 
 
@@ -600,16 +594,23 @@ def merge_into(
     types = {f.name: f.dataType for f in spec.schema.fields}
     unchanged = " AND ".join(_same(c, types[c]) for c in spec.content_columns)
 
-    def run_merge() -> Any:
-        merge = _delta_table(spark, resolver, table).alias("t").merge(source.alias("s"), on)
-        merge = merge.whenMatchedUpdateAll(condition=f"NOT ({unchanged})") if unchanged else merge
-        merge = merge.whenNotMatchedInsertAll()
-        if delete_missing:
-            merge = merge.whenNotMatchedBySourceDelete()
-        return merge.execute()
+    view = f"refinex_merge_source_{uuid.uuid4().hex[:12]}"
+    statement = " ".join([
+        f"MERGE INTO {sql_target(resolver, table)} AS t USING {view} AS s ON {on}",
+        f"WHEN MATCHED AND NOT ({unchanged}) THEN UPDATE SET *" if unchanged else "",
+        "WHEN NOT MATCHED THEN INSERT *",
+        "WHEN NOT MATCHED BY SOURCE THEN DELETE" if delete_missing else "",
+    ])
 
-    result = _retry_conflicts(resolver.display_name(table), run_merge)
-    row = result.first() if result is not None else None
+    def run_merge() -> Any:
+        return spark.sql(statement).collect()
+
+    source.createOrReplaceTempView(view)
+    try:
+        result = _retry_conflicts(resolver.display_name(table), run_merge)
+    finally:
+        spark.catalog.dropTempView(view)
+    row = result[0] if result else None
     metrics = row.asDict() if row is not None else {}
     counts = {
         "inserted": int(metrics.get("num_inserted_rows", 0) or 0),
@@ -676,18 +677,16 @@ def _first_write(spark: SparkSession, resolver: TableResolver, table: str, sourc
     if table_version(spark, resolver, table) != 0:
         return None
     tag = f"refinex-first-write-{uuid.uuid4().hex}"
-    location = resolver.location(table)
-    target = resolver.name(table) if location is None else f"delta.`{location.replace('`', '``')}`"
+    target = sql_target(resolver, table)
     try:
         source.writeTo(target).option("userMetadata", tag).overwrite(F.lit(True))
     except Exception as exc:  # noqa: BLE001 - a lost race falls back to the MERGE
         if is_write_conflict(exc):
             return None
         raise
-    history = _delta_table(spark, resolver, table).history
-    commit = history(1).first()  # this write's commit, unless another one landed since
+    commit = _history(spark, resolver, table, 1).first()  # this write's commit, unless another one landed since
     if commit is None or commit["userMetadata"] != tag:
-        commit = history().where(F.col("userMetadata") == tag).first()
+        commit = _history(spark, resolver, table).where(F.col("userMetadata") == tag).first()
     if commit is None:
         raise RuntimeError(f"{resolver.display_name(table)}: the commit of this write ({tag}) is not in the history")
     if commit["readVersion"] not in (None, 0):
@@ -714,7 +713,7 @@ def append_rows(
         writer.save(location)
     if not count:
         return -1
-    metrics = _delta_table(spark, resolver, table).history(1).select("operationMetrics").first()
+    metrics = _history(spark, resolver, table, 1).select("operationMetrics").first()
     return int(((metrics[0] if metrics is not None else None) or {}).get("numOutputRows", 0) or 0)
 
 

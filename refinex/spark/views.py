@@ -203,7 +203,9 @@ def register_views(spark: SparkSession, tables: "TableResolver | str") -> list[s
     resolver = as_resolver(tables)
     register_tables(spark, resolver)
     existing = {t for t in {t for d in view_definitions() for t in d.tables} if table_exists(spark, resolver, t)}
-    key = (spark.sparkContext.applicationId, resolver, frozenset(existing))
+    from refinex.spark.session import session_id
+
+    key = (session_id(spark), resolver, frozenset(existing))
     registered = _REGISTERED.get(key[:2])
     if registered is not None and registered[0] == key[2] and all(
         spark.catalog.tableExists(name) for name in registered[1]
