@@ -41,6 +41,7 @@ from refinex.quality.checks import (
     Offender,
     share_observed,
 )
+from refinex.spark.session import persist_or_recompute
 
 log = logging.getLogger(__name__)
 # GX logs its context set-up at INFO (data sources loaded, stores created): noise in a stage's
@@ -125,17 +126,6 @@ def _context(data_docs_dir: Optional[Path]) -> Any:
     return context
 
 
-def _persist(df: DataFrame) -> tuple[DataFrame, bool]:
-    """Cache ``df`` for the many passes GX makes (Spark Connect serverless refuses: recompute)."""
-    from pyspark import StorageLevel
-
-    try:
-        return df.persist(StorageLevel.MEMORY_AND_DISK), True
-    except Exception as exc:  # noqa: BLE001 - the frames are deterministic, recomputing is correct
-        log.warning("cannot persist a validated frame (%s); it will be recomputed", str(exc).splitlines()[0])
-        return df, False
-
-
 def run_gates(
     frames: Mapping[str, DataFrame],
     gates: Sequence[Gate],
@@ -183,7 +173,7 @@ def _validate_table(
         "partial_unexpected_count": max(1, int(cap)),
         "return_unexpected_index_query": False,
     }
-    frame, cached = _persist(frame)
+    frame, cached = persist_or_recompute(frame, "a validated frame")
     try:
         validation = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format,
                                     run_id=run_id)

@@ -35,6 +35,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, LongType, StringType, StructField, StructType
 
+from refinex.spark.session import persist_or_recompute
 from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, QUARANTINE, utf8_encodable
 
@@ -466,17 +467,6 @@ def read_lines(spark: SparkSession, paths: Sequence[str], fmt: str) -> tuple[Dat
     return _parquet_lines(spark, paths) if fmt == "parquet" else _jsonl_lines(spark, paths)
 
 
-def _persist(df: DataFrame) -> tuple[DataFrame, bool]:
-    """Cache ``df`` when the platform allows it (Spark Connect serverless does not)."""
-    from pyspark import StorageLevel
-
-    try:
-        return df.persist(StorageLevel.MEMORY_AND_DISK), True
-    except Exception as exc:  # noqa: BLE001 - recompute instead; parsing is deterministic
-        log.warning("cannot persist the parsed input (%s); it will be recomputed", str(exc).splitlines()[0])
-        return df, False
-
-
 def ingest_documents(
     ctx: StageContext,
     input: str | Sequence[str],
@@ -534,7 +524,7 @@ def ingest_documents(
             F.first(F.concat_ws(":", "input_file", F.col("line_no").cast("string"))).over(by_id),
         ),
     )
-    parsed, cached = _persist(parsed)
+    parsed, cached = persist_or_recompute(parsed, "the parsed input")
     try:
         outcome = (
             F.when(F.col("kind") == KIND_BLANK, F.lit(KIND_BLANK))

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, StructType
 
 from refinex.config import Config
+from refinex.spark.session import persist_or_recompute
 from refinex.spark.stage import Param, Stage, StageContext
 from refinex.spark.tables import DOCUMENTS, MODEL_OUTPUTS, ORIGIN_MODEL, PROGRAMS, STAGE_RUNS
 from refinex.locations import is_local, local_path
@@ -523,7 +523,8 @@ def refine_documents_with_model(
             tokenizer_id(resolved.checkpoint), files, max_tokens, rc.load_log, resolved.registry_uri,
         )
         refined = todo.repartition(partitions, "doc_id").mapInPandas(function, REFINED_SCHEMA)
-        refined = refined.persist(StorageLevel.MEMORY_AND_DISK)
+        # Not cached (serverless): each write below runs the model again (deterministic).
+        refined, cached = persist_or_recompute(refined, "the model's output")
         clock = time.perf_counter()
         refined.count()
         seconds = time.perf_counter() - clock
@@ -564,7 +565,8 @@ def refine_documents_with_model(
             ).first()
             summary = row.asDict() if row is not None else {}
         finally:
-            refined.unpersist()
+            if cached:
+                refined.unpersist()
     stats: dict[str, Any] = {
         "model_uri": model_uri,
         "checkpoint": str(resolved.checkpoint),

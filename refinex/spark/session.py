@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 from refinex.config import DELTA_CLUSTER, Config
 from refinex.locations import is_local, local_path
@@ -58,6 +58,19 @@ def remote_url(config: Config) -> Optional[str]:
 def is_connect(spark: object) -> bool:
     """Whether ``spark`` is a Spark Connect session (no ``sparkContext``, no JVM handle)."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def persist_or_recompute(df: DataFrame, what: str) -> tuple[DataFrame, bool]:
+    """``df`` cached (memory and disk) where the platform allows it, else ``df`` itself:
+    Databricks serverless refuses ``persist``, and every frame refinex caches is deterministic,
+    so recomputing it is correct, only slower. Returns the frame and whether it is cached."""
+    from pyspark import StorageLevel
+
+    try:
+        return df.persist(StorageLevel.MEMORY_AND_DISK), True
+    except Exception as exc:  # noqa: BLE001 - recompute instead
+        log.warning("cannot persist %s (%s); it will be recomputed", what, str(exc).splitlines()[0] if str(exc) else exc)
+        return df, False
 
 
 def session_id(spark: object) -> str:

@@ -633,9 +633,12 @@ _CONFLICT_MARKERS = ("[DELTA_CONCURRENT_", "[DELTA_METADATA_CHANGED", "[DELTA_PR
 def is_write_conflict(exc: BaseException) -> bool:
     """Whether ``exc`` is Delta's optimistic-concurrency conflict: another writer committed
     to the table after this transaction read it (ConcurrentAppendException & co., typed or
-    still wrapped in a Py4JJavaError)."""
-    from delta.exceptions import base
-
+    still wrapped in a Py4JJavaError, or as a Spark Connect error's message). Without the
+    ``delta`` Python package (a serverless environment) the message markers decide."""
+    try:
+        from delta.exceptions import base
+    except ImportError:
+        return any(marker in str(exc) for marker in _CONFLICT_MARKERS)
     typed = (base.DeltaConcurrentModificationException, base.ConcurrentWriteException,
              base.MetadataChangedException, base.ProtocolChangedException, base.ConcurrentAppendException,
              base.ConcurrentDeleteReadException, base.ConcurrentDeleteDeleteException,

@@ -82,6 +82,11 @@ def pipeline(jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return jobs[bundle.JOB_KEY]
 
 
+@pytest.fixture(scope="module")
+def serverless(jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return jobs[bundle.SERVERLESS_JOB_KEY]
+
+
 _GROUP = typer.main.get_command(app)
 UsageError = importlib.import_module(_GROUP.context_class.__module__.rsplit(".", 1)[0] + ".exceptions").UsageError
 """The parser's own usage error (typer vendors click; this is whichever click built the group)."""
@@ -126,11 +131,14 @@ def test_workdir_matches_the_databricks_profile(variables: dict[str, Any]) -> No
     assert variables["input"].startswith("dbfs:/Volumes/") == variables["workdir"].startswith("dbfs:/Volumes/")
 
 
-def test_committed_resource_is_generated() -> None:
-    assert bundle.RESOURCE_FILE.read_text(encoding="utf-8") == bundle.render(), (
-        "resources/refinex_job.yml is stale: run python -m refinex.bundle --write"
-    )
-    assert bundle.render().startswith(bundle.HEADER)
+def test_committed_resources_are_generated() -> None:
+    files = bundle.resource_files()
+    assert set(files) == {bundle.RESOURCE_FILE, bundle.SERVERLESS_RESOURCE_FILE}
+    for path, text in files.items():
+        assert path.read_text(encoding="utf-8") == text, (
+            f"resources/{path.name} is stale: run python -m refinex.bundle --write"
+        )
+        assert text.startswith(bundle.HEADER)
 
 
 # --- the job ----------------------------------------------------------------------------
@@ -213,6 +221,42 @@ def test_gpu_stages_run_on_the_gpu_cluster(pipeline: dict[str, Any]) -> None:
         libraries = task["libraries"]
         assert {"whl": f"../dist/{bundle.wheel_filename()}"} in libraries
         assert ({"pypi": {"package": bundle.VLLM_REQUIREMENT}} in libraries) is on_gpu
+
+
+def test_both_jobs_are_in_the_bundle(jobs: dict[str, dict[str, Any]]) -> None:
+    assert set(jobs) == {bundle.JOB_KEY, bundle.SERVERLESS_JOB_KEY}
+
+
+def test_serverless_job_runs_cpu_steps_in_its_environment(pipeline: dict[str, Any], serverless: dict[str, Any]) -> None:
+    gpu_steps = {s.key for s in PIPELINE_STEPS if s.declaration.resources == "gpu"}
+    assert [c["job_cluster_key"] for c in serverless["job_clusters"]] == [bundle.GPU_CLUSTER]
+    (environment,) = serverless["environments"]
+    assert environment["environment_key"] == bundle.SERVERLESS_ENVIRONMENT
+    dependencies_ = environment["spec"]["dependencies"]
+    assert dependencies_[0] == f"../dist/{bundle.wheel_filename()}"
+    lock = (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines()
+    for pin in dependencies_[1:]:
+        assert pin in lock, f"{pin} is not the locked version"
+    assert not any(d.split("==")[0] in ("pyspark", "delta-spark", "numpy", "pandas", "pyarrow") for d in dependencies_)
+    classic = {t["task_key"]: t for t in pipeline["tasks"]}
+    for task in serverless["tasks"]:
+        twin = classic[task["task_key"]]
+        assert task["python_wheel_task"] == twin["python_wheel_task"]
+        assert task.get("depends_on") == twin.get("depends_on")
+        if task["task_key"] in gpu_steps:
+            assert task["job_cluster_key"] == bundle.GPU_CLUSTER and task["libraries"] == twin["libraries"]
+            assert "environment_key" not in task
+        else:
+            assert task["environment_key"] == bundle.SERVERLESS_ENVIRONMENT, task["task_key"]
+            assert "job_cluster_key" not in task and "libraries" not in task, task["task_key"]
+
+
+def test_locked_pins_fail_on_an_unpinned_name(tmp_path: Path) -> None:
+    lock = tmp_path / "requirements.lock"
+    lock.write_text("# comment\ntorch==2.0.0 ; python_version >= '3.11'\n", encoding="utf-8")
+    assert bundle.locked(["torch"], lock) == ["torch==2.0.0"]
+    with pytest.raises(ValueError, match="not pinned"):
+        bundle.locked(["no-such-package"], lock)
 
 
 def test_vllm_requirement_is_the_setup_extra() -> None:
