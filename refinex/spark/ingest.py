@@ -19,9 +19,10 @@ also runs on Spark Connect.
   silently: ``read = accepted + quarantined``.
 * Local inputs are checked before any work: a path or glob that matches nothing is a
   one-line ``FileNotFoundError``; an input without a single record is a warning and an
-  empty result. Local ``.gz`` files are read by a Python reader, one task per file (gzip
-  does not split), which keeps what it read when the stream is cut short; other files and
-  remote locations go through Spark's text reader.
+  empty result. ``.gz`` files are read by a Python reader, one task per file (gzip does not
+  split), which keeps what it read when the stream is cut short: local ones from the path,
+  remote ones (listed by Spark, folders and globs included) as ``binaryFile`` bytes; other
+  files go through Spark's text reader.
 """
 from __future__ import annotations
 
@@ -317,57 +318,94 @@ _GZIP_BATCH_BYTES = 32 * 2**20
 (2,000 typical pages are ~300 MB of HTML; a worker holds a batch and its Arrow copy)."""
 
 
-def _read_gzip_files(paths: Iterator[Any]) -> Iterator[Any]:
-    """``mapInPandas``: the lines of each local gzip file, numbered from 1; a file cut short
-    ends with one ``truncated_input`` row (its readable lines kept); undecodable lines are
-    flagged ``invalid_utf8`` (their text replaced for the preview)."""
+def _gzip_rows(handle: Any, uri: str) -> Iterator[list[tuple[Any, ...]]]:
+    """Batches of ``READ_SCHEMA`` rows of one gzip stream, lines numbered from 1: a stream
+    cut short ends with one ``truncated_input`` row (its readable lines kept); undecodable
+    lines are flagged ``invalid_utf8`` (their text replaced for the preview)."""
     import gzip
     import zlib
-    from pathlib import Path as _Path
 
+    rows: list[tuple[Any, ...]] = []
+    line_no = batch_bytes = 0
+    try:
+        with gzip.GzipFile(fileobj=handle, mode="rb") as stream:
+            for raw in stream:
+                line_no += 1
+                data = raw[:-1] if raw.endswith(b"\n") else raw
+                if data.endswith(b"\r"):
+                    data = data[:-1]
+                try:
+                    rows.append((data.decode("utf-8"), uri, line_no, None, None))
+                except UnicodeDecodeError:
+                    preview = data[: 4 * RECORD_PREVIEW_CHARS].decode("utf-8", errors="replace")
+                    rows.append((preview[:RECORD_PREVIEW_CHARS], uri, line_no, INVALID_UTF8,
+                                 "the line is not valid UTF-8"))
+                batch_bytes += len(data)
+                if len(rows) >= _GZIP_BATCH_LINES or batch_bytes >= _GZIP_BATCH_BYTES:
+                    yield rows
+                    rows, batch_bytes = [], 0
+    except (EOFError, OSError, zlib.error) as exc:
+        rows.append((None, uri, line_no + 1, TRUNCATED_INPUT,
+                     f"the gzip stream is cut short or corrupt after {line_no} readable lines "
+                     f"({type(exc).__name__}: {exc}); those lines were ingested"[:500]))
+    if rows:
+        yield rows
+
+
+def _read_frame(rows: list[tuple[Any, ...]]) -> Any:
     import pandas as pd
 
-    columns = [f.name for f in READ_SCHEMA.fields]
+    out = pd.DataFrame.from_records(rows, columns=[f.name for f in READ_SCHEMA.fields])
+    out["line_no"] = out["line_no"].astype("int64")
+    return out
 
-    def frame(rows: list[tuple[Any, ...]]) -> Any:
-        out = pd.DataFrame.from_records(rows, columns=columns)
-        out["line_no"] = out["line_no"].astype("int64")
-        return out
+
+def _read_gzip_files(paths: Iterator[Any]) -> Iterator[Any]:
+    """``mapInPandas``: the lines of each local gzip file (:func:`_gzip_rows`)."""
+    from pathlib import Path as _Path
 
     for batch in paths:
         for path in batch["path"]:
-            uri = _Path(path).resolve().as_uri()
-            rows: list[tuple[Any, ...]] = []
-            line_no = batch_bytes = 0
-            try:
-                with gzip.open(path, "rb") as handle:
-                    for raw in handle:
-                        line_no += 1
-                        data = raw[:-1] if raw.endswith(b"\n") else raw
-                        if data.endswith(b"\r"):
-                            data = data[:-1]
-                        try:
-                            rows.append((data.decode("utf-8"), uri, line_no, None, None))
-                        except UnicodeDecodeError:
-                            preview = data[: 4 * RECORD_PREVIEW_CHARS].decode("utf-8", errors="replace")
-                            rows.append((preview[:RECORD_PREVIEW_CHARS], uri, line_no, INVALID_UTF8,
-                                         "the line is not valid UTF-8"))
-                        batch_bytes += len(data)
-                        if len(rows) >= _GZIP_BATCH_LINES or batch_bytes >= _GZIP_BATCH_BYTES:
-                            yield frame(rows)
-                            rows, batch_bytes = [], 0
-            except (EOFError, OSError, zlib.error) as exc:
-                rows.append((None, uri, line_no + 1, TRUNCATED_INPUT,
-                             f"the gzip stream is cut short or corrupt after {line_no} readable lines "
-                             f"({type(exc).__name__}: {exc}); those lines were ingested"[:500]))
-            if rows:
-                yield frame(rows)
+            with open(path, "rb") as handle:
+                for rows in _gzip_rows(handle, _Path(path).resolve().as_uri()):
+                    yield _read_frame(rows)
+
+
+def _read_gzip_blobs(files: Iterator[Any]) -> Iterator[Any]:
+    """``mapInPandas`` over ``binaryFile`` rows: the lines of each gzip file's bytes
+    (:func:`_gzip_rows`), for files only the cluster's file system can open."""
+    import io
+
+    for batch in files:
+        for path, content in zip(batch["path"], batch["content"]):
+            for rows in _gzip_rows(io.BytesIO(content), str(path)):
+                yield _read_frame(rows)
 
 
 def _gzip_lines(spark: SparkSession, files: Sequence[str]) -> DataFrame:
     """The lines of local gzip ``files`` (one task per file)."""
     listing = spark.createDataFrame([(f,) for f in files], "path string").repartition(max(1, len(files)))
     return listing.mapInPandas(_read_gzip_files, READ_SCHEMA)
+
+
+def _remote_gzip_lines(spark: SparkSession, files: Sequence[str]) -> DataFrame:
+    """The lines of gzip ``files`` on the cluster's file system (``gs://``, ``s3://``,
+    ``dbfs:``, ...), read whole through Spark's ``binaryFile`` source and decompressed in
+    Python, so that a file cut short is a ``truncated_input`` row, as for local files,
+    instead of the error that aborts Spark's text reader. A gzip file is one task either way
+    (gzip is not splittable); here a task holds its compressed file in memory (at most 2 GiB,
+    the ``binaryFile`` limit)."""
+    blobs = spark.read.format("binaryFile").load(list(files)).select("path", "content")
+    return blobs.mapInPandas(_read_gzip_blobs, READ_SCHEMA)
+
+
+def remote_files(spark: SparkSession, locations: Sequence[str]) -> list[str]:
+    """The files remote ``locations`` (files, folders, globs) name, listed by Spark's own file
+    source (no content read), sorted; a location that names nothing raises Spark's error."""
+    if not locations:
+        return []
+    listing = spark.read.format("binaryFile").load(list(locations)).select("path").collect()
+    return sorted({str(r["path"]) for r in listing})
 
 
 def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, InputCounts]:
@@ -377,9 +415,12 @@ def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, 
     from refinex.locations import is_local
 
     files = expand_local_inputs(paths)
+    remote = [f for f in files if not is_local(f)]
+    if any(not f.endswith(".gz") for f in remote):  # folders and globs: list them to find the gzip files
+        remote = remote_files(spark, remote)
     gzipped = [f for f in files if is_local(f) and f.endswith(".gz")]
-    chosen = set(gzipped)
-    others = [f for f in files if f not in chosen]
+    remote_gzipped = [f for f in remote if f.endswith(".gz")]
+    others = [f for f in files if is_local(f) and not f.endswith(".gz")] + [f for f in remote if not f.endswith(".gz")]
     parts: list[DataFrame] = []
     counts = InputCounts(0, 0, 0)
     if others:
@@ -387,8 +428,8 @@ def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, 
         parts.append(text.withColumns({"read_reason": F.lit(None).cast("string"),
                                        "read_detail": F.lit(None).cast("string")}))
         counts = counts + found
-    if gzipped:
-        lines = _gzip_lines(spark, gzipped)
+    for lines in ([_gzip_lines(spark, gzipped)] if gzipped else []) + (
+            [_remote_gzip_lines(spark, remote_gzipped)] if remote_gzipped else []):
         row = lines.agg(F.count(F.lit(1)).alias("n"), F.count(F.when(_blank(), F.lit(1))).alias("blank"),
                         F.sum(F.length("value")).alias("chars")).first()
         parts.append(lines)

@@ -116,6 +116,38 @@ def test_a_gzip_file_cut_short_keeps_its_readable_records(
     assert numbered["line_no"] == 11  # gzip lines numbered like any other file's
 
 
+def test_a_remote_gzip_file_cut_short_is_a_row_too(
+    spark: SparkSession, spark_config: Config, workdir: str, tmp_path: Path
+) -> None:
+    """Through a file system that is not ``file:`` (Hadoop's ViewFs, mounted on a local
+    folder): the folder is listed by Spark, the cut gzip file is read as bytes and ends with
+    its ``truncated_input`` row, the whole one and the plain file are ingested."""
+    folder = tmp_path / "remote-shards"
+    folder.mkdir()
+    with gzip.open(folder / "whole.jsonl.gz", "wt", encoding="utf-8") as handle:
+        for i in range(30):
+            handle.write(json.dumps({"id": f"rw{i}", "text": f"whole remote document {i}"}) + "\n")
+    data = gzip.compress("".join(json.dumps({"id": f"rc{i}", "text": f"cut remote document {i} " + "y" * (i % 89)})
+                                 + "\n" for i in range(2000)).encode("utf-8"))
+    (folder / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    _jsonl(folder / "plain.jsonl", [{"id": "rp1", "text": "plain remote file"}])
+    mount = "fs.viewfs.mounttable.refinextest.link./shards"
+    spark.conf.set(mount, folder.resolve().as_uri())
+    try:
+        stats = run_stage("ingest", spark, spark_config, workdir, input="viewfs://refinextest/shards")
+    finally:
+        spark.conf.unset(mount)
+    assert stats["read"] == stats["accepted"] + stats["quarantined"]
+    assert stats["quarantined_by_reason"] == {"truncated_input": 1}
+    ids = {r["doc_id"] for r in read_table(spark, workdir, "documents").select("doc_id").collect()}
+    assert {f"rw{i}" for i in range(30)} | {"rp1"} <= ids
+    cut = sorted(int(i[2:]) for i in ids if i.startswith("rc"))
+    assert 100 < len(cut) < 2000 and cut == list(range(len(cut)))
+    row = read_table(spark, workdir, "quarantine").where(F.col("reason") == "truncated_input").first()
+    assert row["input_file"].startswith("viewfs://refinextest/shards/") and row["input_file"].endswith("cut.jsonl.gz")
+    assert row["line_no"] == len(cut) + 1
+
+
 def test_an_empty_folder_warns_and_ingests_nothing(
     spark: SparkSession, spark_config: Config, workdir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
