@@ -8,8 +8,10 @@ UDF over ``documents.text``), 0/1 status indicators for the share ceilings and t
 errors of each program (``refinex.program.parse``; programs are data, never code).
 
 Every run writes the offending rows of failed and warning gates to ``gate_failures``, the
-validation result JSON, a text summary and (``quality.data_docs``) the Data Docs site to
-``<workdir>/reports/validation/<origin>-<label>/``, and logs them as MLflow artifacts when
+validation result JSON, a text summary, ``gates.html`` (one self-contained page: it renders
+offline, unlike the Data Docs, whose styles come from CDNs) and (``quality.data_docs``) the
+Data Docs site to ``<workdir>/reports/validation/<origin>-<label>/``, and logs them as MLflow
+artifacts when
 ``stages.mlflow`` is on. A failed error-level gate then fails the stage with the summary
 (:class:`~refinex.errors.StageFailed`); warnings never do. Tables without rows for the
 version yet (``edit_stats`` before ``stats``) are not validated, and the summary says so.
@@ -47,6 +49,7 @@ from refinex.quality.checks import (
     gate_catalogue,
     share_column,
 )
+from refinex.quality.gates_page import GATES_HTML, render_gates_page
 from refinex.spark.apply import ORIGIN_PARAMS
 from refinex.spark.origins import resolve_origin
 from refinex.spark.stage import Param, Stage, StageContext, flat_metrics
@@ -216,6 +219,7 @@ def _write_reports(
     path = folder / VALIDATION_JSON
     path.write_text(json.dumps(document, indent=1, sort_keys=True, default=str, ensure_ascii=False), encoding="utf-8")
     (folder / SUMMARY_TXT).write_text(summary + "\n", encoding="utf-8")
+    (folder / GATES_HTML).write_text(render_gates_page(payload, summary), encoding="utf-8")
     return path
 
 

@@ -259,9 +259,12 @@ def test_a_clean_run_passes_and_writes_its_reports(spark: SparkSession, spark_co
     assert (folder / "summary.txt").read_text().startswith(f"validate distilled {version_label(VERSION)}")
     assert stats["data_docs"] == str(folder / "data_docs" / "index.html")
     assert "refined_documents" in (folder / "data_docs" / "index.html").read_text()
+    page = (folder / "gates.html").read_text()
+    assert "passed" in page and "refined_documents" in page and "http" not in page  # self-contained
     client = MlflowClient(tracking_uri=f"sqlite:///{Path(workdir) / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(stats["mlflow_report_run_id"], "validation")}
-    assert {"validation/validation.json", "validation/summary.txt", "validation/data_docs"} <= artifacts
+    assert {"validation/validation.json", "validation/summary.txt", "validation/gates.html",
+            "validation/data_docs"} <= artifacts
     assert client.get_run(stats["stage_mlflow_run_id"]).data.metrics["passed"] == 1.0
 
 

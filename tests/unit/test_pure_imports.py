@@ -46,6 +46,7 @@ PURE_MODULES = (
     "refinex.evaluation.summary",
     "refinex.evaluation.plots",
     "refinex.quality.checks",
+    "refinex.quality.gates_page",
     "refinex.report.html",
     "refinex.promotion",
     "refinex.versions",
