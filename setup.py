@@ -62,6 +62,8 @@ SHARED = (
     "numpy", "pandas", "pyarrow", "pyyaml", "tqdm", "matplotlib", "scikit-learn", "joblib",
     "torch", "transformers", "tokenizers", "safetensors", "accelerate",
 )
+# Spark Connect's client (pyspark's ``connect`` extra): a runtime that speaks Connect has it.
+CONNECT = ("grpcio", "grpcio-status", "googleapis-common-protos")
 # Ours: pinned wherever refinex is installed.
 OWN = (
     "typer", "httpx", "trafilatura", "lxml-html-clean", "inscriptis", "resiliparse", "justext",
@@ -92,7 +94,7 @@ setup(
     install_requires=pinned(*OWN) + unpinned(*SHARED),
     extras_require={
         # A machine without a cluster runtime: Spark, Delta, MLflow and the ML stack, pinned.
-        "local": pinned(*RUNTIME, *SHARED),
+        "local": pinned(*RUNTIME, *SHARED, *CONNECT),
         "dev": pinned("pytest", "pytest-timeout", "hypothesis", "chispa", "databricks-bundles"),
         # GPU inference with vLLM; not pinned in the lock (its CUDA build must match the cluster).
         "vllm": ["vllm>=0.8"],

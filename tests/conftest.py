@@ -2,7 +2,8 @@
 
 The session is created lazily, only when a test asks for ``spark``: local[2], two shuffle
 partitions, no UI, Delta's extension and catalog on, and its warehouse, Derby home and
-scratch space under pytest's temporary folder.
+scratch space under pytest's temporary folder. The ``cluster`` tests share one local Spark
+Connect server (``connect_server``), started the first time one of them asks.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from refinex.config import Config
+    from refinex.spark.local_servers import ConnectServer
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +38,16 @@ def spark(tmp_path_factory: pytest.TempPathFactory, spark_config: "Config") -> I
     session = get_spark(spark_config, workdir=str(home))
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def connect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator["ConnectServer"]:
+    """One local Spark Connect server with Delta for the whole run (started on first use)."""
+    from refinex.spark.local_servers import start_connect_server
+
+    server = start_connect_server(tmp_path_factory.mktemp("connect-server"), driver_memory="1g")
+    yield server
+    server.stop()
 
 
 @pytest.fixture()

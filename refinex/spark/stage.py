@@ -9,7 +9,8 @@ configuration, table resolver, run id) instead of threading ``spark, config, wor
 - gives the run its id and times it;
 - counts the rows each table gained or changed (every write goes through ``ctx.merge``);
 - makes sure every declared output table exists afterwards (empty when nothing was written);
-- writes the log line and the ``stage_runs`` row;
+- writes the log line and the ``stage_runs`` row (its stats name the Spark session: the
+  application id, or ``connect:<session id>`` on Spark Connect);
 - logs the run's numeric statistics as MLflow metrics (``stages.mlflow``).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pyspark.sql import DataFrame, SparkSession
 from refinex.config import Config
 from refinex.errors import StageFailed
 from refinex.locations import driver_path
+from refinex.spark.session import session_id
 from refinex.spark.tables import (
     TABLES,
     TableResolver,
@@ -247,7 +249,8 @@ def execute(stage: Stage, ctx: StageContext, **params: Any) -> dict[str, Any]:
     primary = rows.get(stage.writes[0], {}) if stage.writes else {}
     stats.setdefault("rows_inserted", int(primary.get("inserted", 0)))
     stats.setdefault("rows_updated", int(primary.get("updated", 0)))
-    stats = {"run_id": ctx.run_id, **stats, "rows": rows, "seconds": round(time.perf_counter() - clock, 3)}
+    stats = {"run_id": ctx.run_id, **stats, "rows": rows, "seconds": round(time.perf_counter() - clock, 3),
+             "spark_session": session_id(ctx.spark)}
     recorded = {**{k: v for k, v in kwargs.items()}, **configuring, **ctx.recorded}
     record_stage_run(ctx.spark, ctx.tables, ctx.run_id, stage.name, started, datetime.now(timezone.utc),
                      recorded, stats)

@@ -38,16 +38,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import psutil
 import pytest
-from chispa import assert_df_equality
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from refinex.config import Config
 from refinex.spark.tables import TABLES
+
+from tests.spark.table_checks import assert_same_table, delta_dir as _delta_dir, load
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGES = REPO_ROOT / "data" / "sample" / "pages-sample.jsonl.gz"
@@ -155,18 +156,9 @@ def wait_for(run: Launched, condition: Callable[[], bool], timeout: float = STAR
 # --- tables ----------------------------------------------------------------------------------
 
 
-def _delta_dir(workdir: Path, table: str) -> Path:
-    return workdir / "delta" / table
-
-
 def _committed(workdir: Path, table: str) -> bool:
     """Whether the table has at least its creation commit."""
     return any((_delta_dir(workdir, table) / "_delta_log").glob("*.json"))
-
-
-def load(spark: SparkSession, workdir: Path, table: str) -> DataFrame:
-    """A table as it is (never created by reading it, unlike ``read_table``)."""
-    return spark.read.format("delta").load(str(_delta_dir(workdir, table)))
 
 
 def assert_tables_sound(spark: SparkSession, workdir: Path) -> dict[str, int]:
@@ -199,25 +191,6 @@ def stage_stats(spark: SparkSession, workdir: Path, stage: str, run_id: str) -> 
     row = load(spark, workdir, "stage_runs").where((F.col("stage") == stage) & (F.col("run_id") == run_id)).first()
     assert row is not None, f"no stage_runs row for {stage} {run_id}"
     return dict(json.loads(row["stats"]))
-
-
-def comparable(frame: DataFrame, table: str) -> DataFrame:
-    """Keys and content columns (no timestamps, run ids, latencies), maps as JSON."""
-    spec = TABLES[table]
-    columns = [*spec.keys, *spec.content_columns]
-    types = {f.name: f.dataType.typeName() for f in spec.schema.fields}
-    return frame.select(*[F.to_json(c).alias(c) if types[c] in ("map", "struct") else F.col(c) for c in columns])
-
-
-def assert_same_table(spark: SparkSession, workdir: Path, reference: Path, table: str,
-                      where: Optional[Any] = None) -> int:
-    """The table equals the reference run's (restricted by ``where``); returns its rows."""
-    actual, expected = load(spark, workdir, table), load(spark, reference, table)
-    if where is not None:
-        actual, expected = actual.where(where), expected.where(where)
-    assert_df_equality(comparable(actual, table), comparable(expected, table), ignore_row_order=True,
-                       ignore_nullable=True)
-    return expected.count()
 
 
 # --- the prepared workdirs -------------------------------------------------------------------
