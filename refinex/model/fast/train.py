@@ -9,13 +9,13 @@ read through a random window of that many lines per step; ``structure_dropout`` 
 training documents are read without their page-structure features in each epoch, so the
 model also serves corpora without HTML.
 
-The deletion threshold is chosen like the tagging head's: ``cv_folds`` models (folds by a
+The deletion threshold is 0.5 by default (the targets' scale: a line most teachers delete).
+With ``cv_folds`` >= 2 it is chosen like the tagging head's: that many models (folds by a
 hash of the doc id) predict the training documents they did not see, and the threshold with
 the best kept-character F1 on those out-of-fold probabilities is stored with the model
-(``threshold`` fixes it). Below ``cv_min_documents`` training documents the folds are too
-small to choose on (a threshold picked on a dozen pages is noise) and the default 0.5 is
-kept, which is what the targets' scale means; the model records why. The final model is then trained on all training documents;
-validation documents give the validation loss and kept-character F1.
+(``threshold`` fixes it); below ``cv_min_documents`` training documents the folds are too
+small to choose on and 0.5 is kept. The model records which. The final model is trained on
+all training documents; validation documents give the validation loss and kept-character F1.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class FastTrainConfig:
     window_lines: int = 400  # a longer training document is read through a random window of this many lines
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
-    cv_folds: int = 3
+    cv_folds: int = 0  # 0: the fixed default threshold (conf/model/fast.yaml says why)
     cv_min_documents: int = 100  # fewer training documents: no cross-validation, the default threshold
     threshold: Optional[float] = None  # a fixed deletion threshold (no cross-validation)
     seed: int = 0
