@@ -155,11 +155,21 @@ def test_small_corpora_keep_the_default_threshold_and_train_longer(tmp_path: Pat
     from refinex.model.fast.train import epochs_for
 
     config = FastTrainConfig(n_features=2**10, embedding_size=8, hidden_size=16, epochs=1, min_steps=12,
-                             batch_size=4, progress=False, plot=False)
+                             batch_size=4, cv_folds=3, progress=False, plot=False)
     assert epochs_for(config, 8) == 6 and epochs_for(config, 400) == 1
     result = train_fast(_documents(10), prepare_base("fast", cache_dir=tmp_path / "bases"), tmp_path / "m", config)
     assert result.threshold == 0.5 and result.threshold_source.startswith("default (fewer than 100")
     assert result.steps == 12
+
+
+def test_the_shipped_default_keeps_the_fixed_threshold(tmp_path: Path) -> None:
+    from refinex.model.bases import prepare_base
+
+    assert FastTrainConfig().cv_folds == 0
+    config = FastTrainConfig(n_features=2**10, embedding_size=8, hidden_size=16, epochs=1, min_steps=4,
+                             batch_size=4, cv_min_documents=2, progress=False, plot=False)
+    result = train_fast(_documents(10), prepare_base("fast", cache_dir=tmp_path / "bases"), tmp_path / "m", config)
+    assert (result.threshold, result.threshold_source) == (0.5, "default")
 
 
 def test_settings_are_checked() -> None:

@@ -25,7 +25,7 @@ from refinex.config import Config
 from refinex.spark.pipeline import run_pipeline
 from refinex.spark.tables import ORIGIN_DISTILLED, ORIGIN_MODEL
 
-from tests.spark.table_checks import assert_same_table, load
+from .table_checks import assert_same_table, load
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -48,7 +48,7 @@ from pyspark.sql import functions as F
 from refinex.config import Config
 from refinex.spark.tables import TABLES
 
-from tests.spark.table_checks import assert_same_table, delta_dir as _delta_dir, load
+from .table_checks import assert_same_table, delta_dir as _delta_dir, load
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGES = REPO_ROOT / "data" / "sample" / "pages-sample.jsonl.gz"
