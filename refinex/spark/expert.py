@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import uuid
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from pyspark.sql import Column, DataFrame
@@ -45,7 +43,6 @@ from pyspark.sql import functions as F
 
 from refinex.config import Config
 from refinex.experts.cache import CACHE_COLUMNS
-from refinex.locations import driver_path, join, spark_location
 from refinex.spark.expert_config import (
     CONSENSUS,
     EXPERT_PARAMS,
@@ -70,6 +67,7 @@ from refinex.spark.expert_worker import (
     refine_partition,
 )
 from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.staging import STAGING_ROOT, drop_staging, staging_path
 from refinex.spark.tables import DOCUMENTS, EXPERT_CACHE, EXPERT_MEMBERS, EXPERT_REFINEMENTS
 
 if TYPE_CHECKING:
@@ -102,7 +100,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGE = "expert"
-STAGING_DIR = "staging/expert"
+STAGING_DIR = f"{STAGING_ROOT}/{STAGE}"
 """Where the stage's ``mapInPandas`` output is staged, relative to the workdir."""
 
 
@@ -129,34 +127,6 @@ def _with_cache_hits(
         todo = todo.withColumn(key, cache_key_column(llm, F.col("text"))).join(hits, key, "left").drop(key)
         columns.append(hit)
     return todo, columns
-
-
-def _staging_path(workdir: str, run_id: str) -> str:
-    """This run's own staging folder (a run killed before its end leaves it; nothing reads it)."""
-    return join(spark_location(workdir), STAGING_DIR, f"{run_id}-{uuid.uuid4().hex[:8]}")
-
-
-def _drop_staging(spark: Any, path: str) -> None:
-    """Remove the staged rows: on the driver's file system (local, FUSE: ``/Volumes`` on
-    Databricks), else through the JVM's Hadoop file system; a Spark Connect session has no
-    JVM here, so staged rows on an object store are left (a warning names them: nothing reads
-    them again; a lifecycle rule on ``<workdir>/staging/`` removes them)."""
-    from refinex.spark.session import is_connect
-
-    local = driver_path(path)
-    if local is not None:
-        shutil.rmtree(local, ignore_errors=True)
-        return
-    if is_connect(spark):
-        log.warning("expert: staged rows left in %s (a Spark Connect session cannot delete files on the "
-                    "workdir's object store; nothing reads them again)", path)
-        return
-    try:
-        jvm = spark.sparkContext._jvm
-        hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-        hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hadoop_path, True)
-    except Exception as exc:  # noqa: BLE001 - leftover staged rows are harmless
-        log.warning("expert: staged rows left in %s (%s)", path, str(exc).splitlines()[0] if str(exc) else exc)
 
 
 def _merge_outputs(ctx: StageContext, staged: DataFrame, llm: bool, consensus: bool) -> dict[str, int]:
@@ -271,7 +241,7 @@ def refine_with_expert(ctx: StageContext, force: bool = False) -> dict[str, Any]
         refined = inputs.repartition(partitions, "doc_id").mapInPandas(
             refine_partition(source, ec.batch_size, hit_columns), STAGED_SCHEMA
         )
-        path = _staging_path(workdir, run_id)
+        path = staging_path(workdir, STAGE, run_id)
         try:
             refined.write.mode("overwrite").parquet(path)
             staged = spark.read.schema(STAGED_SCHEMA).parquet(path)
@@ -283,7 +253,7 @@ def refine_with_expert(ctx: StageContext, force: bool = False) -> dict[str, Any]
             totals = row.asDict() if row is not None else {}
             counts.update(_merge_outputs(ctx, staged, bool(llms), consensus))
         finally:
-            _drop_staging(spark, path)
+            drop_staging(spark, path, STAGE)
     metrics = _usage_metrics(totals, n_todo)
     stats: dict[str, Any] = {
         "expert": name,

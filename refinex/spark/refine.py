@@ -46,6 +46,7 @@ from pyspark.sql.types import ArrayType, IntegerType, StringType, StructField, S
 from refinex.config import Config
 from refinex.spark.session import persist_or_recompute
 from refinex.spark.stage import Param, Stage, StageContext
+from refinex.spark.staging import drop_staging, staging_path
 from refinex.spark.tables import DOCUMENTS, MODEL_OUTPUTS, ORIGIN_MODEL, PROGRAMS, STAGE_RUNS
 from refinex.locations import is_local, local_path
 from refinex.spark.sft import SPLITS, split_filter
@@ -523,10 +524,18 @@ def refine_documents_with_model(
             tokenizer_id(resolved.checkpoint), files, max_tokens, rc.load_log, resolved.registry_uri,
         )
         refined = todo.repartition(partitions, "doc_id").mapInPandas(function, REFINED_SCHEMA)
-        # Not cached (serverless): each write below runs the model again (deterministic).
         refined, cached = persist_or_recompute(refined, "the model's output")
+        staged = None
         clock = time.perf_counter()
-        refined.count()
+        if cached:
+            refined.count()
+        else:
+            # Where nothing can be cached (serverless), the model's output is staged once, so
+            # that every write below reads the same rows from a single model pass (sampled
+            # decoding would differ between passes, and each pass costs the model's time).
+            staged = staging_path(workdir, STAGE, run_id)
+            refined.write.mode("overwrite").parquet(staged)
+            refined = ctx.spark.read.schema(REFINED_SCHEMA).parquet(staged)
         seconds = time.perf_counter() - clock
         try:
             # model_outputs first, programs last: a program is what a rerun skips, so a run
@@ -567,6 +576,8 @@ def refine_documents_with_model(
         finally:
             if cached:
                 refined.unpersist()
+            if staged is not None:
+                drop_staging(ctx.spark, staged, STAGE)
     stats: dict[str, Any] = {
         "model_uri": model_uri,
         "checkpoint": str(resolved.checkpoint),

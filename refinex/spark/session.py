@@ -62,8 +62,9 @@ def is_connect(spark: object) -> bool:
 
 def persist_or_recompute(df: DataFrame, what: str) -> tuple[DataFrame, bool]:
     """``df`` cached (memory and disk) where the platform allows it, else ``df`` itself:
-    Databricks serverless refuses ``persist``, and every frame refinex caches is deterministic,
-    so recomputing it is correct, only slower. Returns the frame and whether it is cached."""
+    Databricks serverless refuses ``persist``. Ingest's parsed input and the gates' frames are
+    deterministic, so recomputing them is correct, only slower; refine stages its model
+    output instead (``refinex.spark.staging``). Returns the frame and whether it is cached."""
     from pyspark import StorageLevel
 
     try:

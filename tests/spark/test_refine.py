@@ -467,3 +467,38 @@ def test_prompt_injection_obeyed_by_the_server_is_bounded(spark: SparkSession, s
     # The batch's quality gates see it: two fallbacks in 16 documents are over the ceiling.
     with pytest.raises(StageFailed, match="fallback"):
         run_stage("validate", spark, config, workdir, origin="model", origin_version=stats["origin_version"])
+
+
+def test_uncached_model_output_is_staged_once(
+    spark: SparkSession, spark_config: Config, trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the platform refuses to cache (serverless), the model's output is staged once
+    and both writes read it: the programs equal the cached run's, and the staging folder is
+    gone afterwards."""
+    from refinex.locations import driver_path
+    from refinex.spark import refine as refine_module
+    from refinex.spark.registry import run_stage
+
+    workdir = trained["workdir"]
+    config = spark_config.with_overrides({"refine.max_new_tokens": 7})
+    cached = run_stage("refine", spark, config, workdir, model="models:/refinex-refiner/1", force=True)
+    model = (F.col("origin") == "model") & (F.col("origin_version") == cached["origin_version"])
+    expected = {r["doc_id"]: r["program"] for r in read_table(spark, workdir, "programs").where(model).collect()}
+    monkeypatch.setattr(refine_module, "persist_or_recompute", lambda df, what: (df, False))
+    seen: list[tuple[str, int]] = []
+    drop = refine_module.drop_staging
+
+    def record(spark_: Any, path: str, stage: str) -> None:
+        local = driver_path(path)
+        seen.append((str(local), len(list(local.glob("*.parquet"))) if local else 0))
+        drop(spark_, path, stage)
+
+    monkeypatch.setattr(refine_module, "drop_staging", record)
+    staged = run_stage("refine", spark, config, workdir, model="models:/refinex-refiner/1", force=True)
+    assert staged["processed"] == cached["processed"] == len(DOCS)
+    ((path, files),) = seen  # one staging folder, written by the one model pass, then dropped
+    assert files >= 1 and "staging/refine/" in path and not Path(path).exists()
+    programs = {r["doc_id"]: r["program"] for r in read_table(spark, workdir, "programs").where(model).collect()}
+    assert programs == expected
+    outputs = read_table(spark, workdir, "model_outputs").where(F.col("origin_version") == staged["origin_version"])
+    assert outputs.count() == len(DOCS)
