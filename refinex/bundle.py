@@ -1,6 +1,6 @@
-"""The Databricks asset bundle's job, generated from the stage registry.
+"""The Databricks asset bundle's jobs, generated from the stage registry.
 
-One job, ``refinex_pipeline``: one ``python_wheel_task`` per step of ``PIPELINE_STEPS``, in
+``refinex_pipeline``: one ``python_wheel_task`` per step of ``PIPELINE_STEPS``, in
 order, running the ``refinex`` console script of the project's wheel with that step's
 command line; ``depends_on`` is exactly :func:`refinex.spark.registry.dependencies`; stages
 declared ``resources="gpu"`` run on the ``gpu`` job cluster (one Spark task per GPU, vLLM
@@ -266,7 +266,7 @@ def resource_files() -> dict[Path, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Print the job resource, or write it to ``resources/refinex_job.yml`` (``--write``)."""
+    """Print the job resources (one YAML document each), or write them to ``resources/`` (``--write``)."""
     parser = argparse.ArgumentParser(prog="python -m refinex.bundle", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="write the resources/*.yml files it generates")
     args = parser.parse_args(argv)
@@ -276,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path}")
         else:
-            sys.stdout.write(f"# {path.parent.name}/{path.name}\n{text}")
+            sys.stdout.write(f"---\n# {path.parent.name}/{path.name}\n{text}")
     return 0
 
 

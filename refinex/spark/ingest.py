@@ -410,8 +410,9 @@ def remote_files(spark: SparkSession, locations: Sequence[str]) -> list[str]:
 
 def _jsonl_lines(spark: SparkSession, paths: Sequence[str]) -> tuple[DataFrame, InputCounts]:
     """``value, input_file, line_no, read_reason, read_detail`` for every physical line of
-    the JSONL input, with its counts: local gzip files through
-    :func:`_read_gzip_files`, the rest through Spark's text reader (:func:`_text_lines`)."""
+    the JSONL input, with its counts: local gzip files through :func:`_read_gzip_files`,
+    remote ones through :func:`_remote_gzip_lines`, the rest through Spark's text reader
+    (:func:`_text_lines`)."""
     from refinex.locations import is_local
 
     files = expand_local_inputs(paths)

@@ -40,6 +40,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``host:port`` can be bound now (nothing else holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def spark_home() -> Path:
     """The installed pyspark's folder (bin/spark-submit, jars/)."""
     import pyspark
@@ -57,6 +67,7 @@ def worker_environment(base: Optional[Mapping[str, str]] = None) -> dict[str, st
     env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *[p for p in paths if p != _PACKAGE_ROOT]])
     env.pop("SPARK_REMOTE", None)  # the server itself is classic
     env.pop("SPARK_CONNECT_MODE_ENABLED", None)
+    env.pop("SPARK_LOCAL_DIRS", None)  # its scratch space is its own (spark.local.dir)
     return env
 
 
@@ -83,18 +94,25 @@ def connect_server_command(port: int, jars: Sequence[Path], scratch: Path, maste
     return command + ["spark-internal"]
 
 
+STARTED_MARKER = "Spark Connect server started"
+"""The server's log line once its gRPC service listens."""
+
+
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float, host: str = "127.0.0.1") -> None:
-    """Return once ``host:port`` accepts connections; :class:`ServerStartError` if the process
-    exits or ``timeout_s`` passes first."""
+    """Return once the server logged its start and ``host:port`` accepts connections while
+    the process runs; :class:`ServerStartError` if it exits or ``timeout_s`` passes first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerStartError(f"the server exited with {process.returncode}:\n{_tail(log)}")
         try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return
+            if STARTED_MARKER in log.read_text(encoding="utf-8", errors="replace"):
+                with socket.create_connection((host, port), timeout=1.0):
+                    if process.poll() is None:
+                        return
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise ServerStartError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s:\n{_tail(log)}")
 
 
@@ -122,16 +140,16 @@ class ConnectServer:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``; the whole process group (the JVM and its
         Python workers)."""
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=timeout_s)
-        except ProcessLookupError:
-            pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)  # the group, even if the JVM itself has exited
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=timeout_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def start_connect_server(scratch: Path, port: Optional[int] = None, master: str = "local[2]",
@@ -144,6 +162,8 @@ def start_connect_server(scratch: Path, port: Optional[int] = None, master: str 
     for sub in ("warehouse", "derby", "local"):
         (scratch / sub).mkdir(exist_ok=True)
     port = port or free_port()
+    if not port_is_free(port):
+        raise ServerStartError(f"127.0.0.1:{port} is in use: another server listens there")
     jars = ensure_delta_jars().jars
     log = scratch / "connect-server.log"
     clock = time.perf_counter()

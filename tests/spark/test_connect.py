@@ -27,7 +27,7 @@ from refinex.spark.tables import ORIGIN_DISTILLED, ORIGIN_MODEL
 
 from .table_checks import assert_same_table, load
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test starts the server and both runs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 720
